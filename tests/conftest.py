@@ -1,0 +1,30 @@
+"""Test setup shared by the whole suite.
+
+Eight virtual CPU devices (multi-device tests need them; single-device tests use the first one)
+and JAX's persistent compilation cache, so that recompiling the same function in another test
+or another run is cheap. Both must be set before JAX is imported.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = pathlib.Path(os.environ.get("FADJAX_TEST_XLA_CACHE", pathlib.Path.home() / ".cache" / "fadjax-test-xla"))
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def kather_dir():
+    """The real grayscale Kather 2016 tiles (../shared/data/kather2016_gray); skip when absent."""
+    path = SHARED_DATA / "kather2016_gray"
+    if not path.is_dir():
+        pytest.skip(f"real tiles not found at {path}")
+    return path
