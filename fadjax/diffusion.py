@@ -1,0 +1,95 @@
+"""DDPM noise schedules and the forward (noising) process.
+
+The paper trains with diffusers' ``DDPMScheduler(num_train_timesteps=1000,
+beta_schedule="squaredcos_cap_v2")``: Nichol & Dhariwal's cosine schedule,
+``alpha_bar(s) = cos((s + 0.008) / 1.008 * pi / 2) ** 2`` and
+``beta_i = min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+
+
+class Schedule(NamedTuple):
+    """Per-timestep constants of a discrete DDPM, each ``[T]`` float32."""
+
+    betas: jax.Array
+    alphas: jax.Array
+    alphas_cumprod: jax.Array
+
+    @property
+    def num_steps(self) -> int:
+        return self.betas.shape[0]
+
+
+def make_betas(num_steps: int, beta_schedule: str = "squaredcos_cap_v2", *,
+               beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999) -> np.ndarray:
+    """Betas of a named schedule, computed in float64 like diffusers, returned as float32.
+
+    Args:
+      num_steps: number of training timesteps ``T``.
+      beta_schedule: ``squaredcos_cap_v2`` (cosine), ``linear`` or ``scaled_linear``.
+      beta_start: first beta of the linear schedules.
+      beta_end: last beta of the linear schedules.
+      max_beta: cap of the cosine schedule's betas.
+
+    Returns:
+      ``[num_steps]`` float32 betas.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if beta_schedule == "squaredcos_cap_v2":
+        def alpha_bar(s):
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+                 for i in range(num_steps)]
+        betas = np.asarray(betas, np.float64)
+    elif beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
+    else:
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+    return betas.astype(np.float32)
+
+
+def make_schedule(num_steps: int = 1000, beta_schedule: str = "squaredcos_cap_v2", **kwargs) -> Schedule:
+    """The schedule's betas, alphas and cumulative products (float32, like diffusers)."""
+    betas = make_betas(num_steps, beta_schedule, **kwargs)
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, dtype=np.float32)
+    return Schedule(jnp.asarray(betas), jnp.asarray(alphas), jnp.asarray(alphas_cumprod))
+
+
+def _per_example(v: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+    """Gathers ``v[t]`` and reshapes it to broadcast against a ``[B, ...]`` tensor of rank ``ndim``."""
+    return v[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """Draws ``x_t ~ q(x_t | x_0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
+
+    Args:
+      schedule: the DDPM schedule.
+      x0: clean images ``[B, H, W, C]``.
+      t: integer timesteps ``[B]``.
+      noise: standard normal noise shaped like ``x0``.
+
+    Returns:
+      The noisy images ``x_t``, same shape and dtype as ``x0``.
+    """
+    abar = _per_example(schedule.alphas_cumprod, t, x0.ndim)
+    return (jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise).astype(x0.dtype)
+
+
+def predict_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """Inverts ``q_sample`` for a predicted noise: ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
+    abar = _per_example(schedule.alphas_cumprod, t, x_t.ndim)
+    return (x_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
