@@ -1,0 +1,124 @@
+"""Matplotlib figures shared by ``evaluate`` and ``report`` (Agg backend, PNG files)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def confusion(cm: np.ndarray, row_names: Sequence[str], col_names: Sequence[str], path: str | os.PathLike, *,
+              title: str) -> None:
+    """Confusion matrix with a count in every cell; rows true classes, columns predictions.
+
+    Args:
+      cm: ``[R, K]`` counts.
+      row_names: names of the ``R`` true classes.
+      col_names: names of the ``K`` predicted classes.
+      path: output PNG.
+      title: figure title.
+    """
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(col_names), 1.0 + 0.7 * len(row_names)))
+    row_sums = np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(cm / row_sums, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if cm[i, j] / row_sums[i, 0] > 0.5 else "black")
+    ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(row_names)), row_names)
+    ax.set_xlabel("predicted by the expert")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def grouped_bars(values: Mapping[str, Mapping[str, float]], categories: Sequence[str], path: str | os.PathLike, *,
+                 title: str, ylabel: str, xlabel: str = "class") -> None:
+    """Grouped bars: one group per category, one bar per series (``values[series][category]``)."""
+    series = list(values)
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(categories))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(categories) * max(1, len(series)) / 2), 4.0))
+    for k, name in enumerate(series):
+        heights = [values[name].get(c, np.nan) for c in categories]
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, heights, width, label=name)
+    ax.set_xticks(x, categories, rotation=30, ha="right")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)
+
+
+def per_seed(values: Mapping[str, Mapping[int, float]], path: str | os.PathLike, *, title: str,
+             ylabel: str = "generation accuracy") -> None:
+    """One line per run over seeds, with its mean as a dashed line (paper Fig. 4)."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for name, by_seed in values.items():
+        seeds = sorted(by_seed)
+        line, = ax.plot(seeds, [by_seed[s] for s in seeds], marker="o", label=name)
+        ax.axhline(float(np.mean([by_seed[s] for s in seeds])), color=line.get_color(), linestyle="--",
+                   label=f"{name} mean")
+    ax.set_xlabel("seed")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | os.PathLike, *,
+           title: str, xlabel: str = "step") -> None:
+    """One panel per quantity (``panels[quantity][run] = (steps, values)``), side by side."""
+    names = list(panels)
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.5 * max(len(names), 1), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for run, (x, y) in panels[name].items():
+            ax.plot(x, y, label=run)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(name)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def image_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike, *, title: str) -> None:
+    """Rows of synthetic then real images per class (paper Figs. 7-8).
+
+    Args:
+      rows: ``(class_name, synthetic [n,H,W,C] uint8, real [m,H,W,C] uint8)`` per class.
+      path: output PNG.
+      title: figure title.
+    """
+    n = max((len(s) for _, s, _ in rows), default=0)
+    m = max((len(r) for _, _, r in rows), default=0)
+    cols = max(n + m, 1)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.25 * len(rows) + 0.6), squeeze=False)
+    for r, (name, synth, real) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            img = synth[c] if c < len(synth) else (real[c - n] if n <= c < n + len(real) else None)
+            if img is not None:
+                img = np.asarray(img)
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            if r == 0 and c in (0, n):
+                ax.set_title("synthetic" if c == 0 and n else "real", fontsize=9, loc="left")
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center")
+    fig.suptitle(title)
+    _save(fig, path)
