@@ -1,0 +1,313 @@
+"""Pieces every training stage shares: devices, optimizer, checkpoints, logs, progress."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fadjax import config_lib
+
+DATA_AXIS = "data"
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus an EMA of the parameters and BatchNorm statistics (both optional)."""
+
+    ema_params: Any = None
+    batch_stats: Any = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised the moment a step produced a non-finite loss or gradient."""
+
+
+def compute_dtype(config) -> jnp.dtype:
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def log_topology() -> None:
+    """Logs the process/device topology (what runs where)."""
+    logging.info("JAX %s on %s: process %d of %d, %d local / %d global devices: %s",
+                 jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(),
+                 ", ".join(sorted({d.device_kind for d in jax.devices()})))
+
+
+# ----------------------------------------------------------------------------- devices
+
+@dataclasses.dataclass
+class Parallel:
+    """How the global batch is spread over devices.
+
+    ``sharded``: one ``jit`` over a 1-D mesh of every device (all processes), the batch split on
+    the ``data`` axis, everything else replicated. ``pmap``: the classic per-device program over the
+    local devices with ``lax.pmean`` of the gradients.
+    """
+
+    mode: str
+    mesh: Mesh
+    num_devices: int
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_sharded(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(DATA_AXIS))
+
+    def put_replicated(self, tree):
+        """Places host values on every device: replicated (sharded) or stacked per device (pmap)."""
+        if self.mode == "pmap":
+            n = self.num_devices
+            stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+            return jax.device_put(stacked, self.batch_sharded)
+        target = self.replicated
+
+        def put(x):
+            if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+                return x
+            if jax.process_count() > 1:
+                return jax.make_array_from_process_local_data(target, np.asarray(x))
+            return jax.device_put(x, target)
+
+        return jax.tree.map(put, tree)
+
+    def unreplicate(self, tree):
+        """The one copy of a replicated pytree (the first device's under pmap)."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: x[0], tree)
+        return tree
+
+
+def make_parallel(config, global_batch: int) -> Parallel:
+    """Builds the device mesh and checks that the batch splits evenly, before anything compiles."""
+    if config.parallel == "pmap":
+        if jax.process_count() > 1:
+            raise config_lib.ConfigError("config.parallel: 'pmap' runs on one process; use 'sharded' with several processes")
+        devices = jax.local_devices()
+    else:
+        devices = jax.devices()
+    n = len(devices)
+    if global_batch % n:
+        raise config_lib.ConfigError(
+            f"config.train.batch_size: {global_batch} does not divide over {n} devices "
+            f"({config.parallel}); use a multiple of {n}")
+    return Parallel(config.parallel, Mesh(np.asarray(devices), (DATA_AXIS,)), n)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def run_length(train_cfg, steps_per_epoch: int) -> int:
+    """Total optimizer steps from ``train.num_steps`` or ``train.num_epochs``."""
+    if train_cfg.num_steps is not None:
+        return int(train_cfg.num_steps)
+    return int(train_cfg.num_epochs) * steps_per_epoch
+
+
+def make_lr_schedule(o, *, steps_per_epoch: int, total_steps: int) -> Callable:
+    """The learning rate as a function of the step, from ``config.optim``."""
+    warm = int(o.warmup_steps)
+    if o.schedule == "constant":
+        main = optax.constant_schedule(o.lr)
+    elif o.schedule == "cosine":
+        main = optax.cosine_decay_schedule(o.lr, max(total_steps - warm, 1))
+    elif o.schedule == "cosine_epoch":
+        num_epochs = max(math.ceil(total_steps / steps_per_epoch), 1)
+
+        def main(step):
+            epoch = jnp.minimum(step // steps_per_epoch, num_epochs)
+            return o.lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / num_epochs))
+    elif o.schedule == "step_epoch":
+        def main(step):
+            return o.lr * o.step_gamma ** (step // steps_per_epoch)
+    else:
+        raise config_lib.ConfigError(f"config.optim.schedule: unknown {o.schedule!r}")
+    if warm > 0:
+        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), main], [warm])
+    return main
+
+
+def make_optimizer(o, lr_fn) -> optax.GradientTransformation:
+    """Adam (AdamW when ``weight_decay`` > 0), optionally after global-norm clipping."""
+    parts = []
+    if o.grad_clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    if o.weight_decay > 0:
+        parts.append(optax.adamw(lr_fn, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    else:
+        parts.append(optax.adam(lr_fn, b1=o.b1, b2=o.b2, eps=o.eps))
+    return optax.chain(*parts)
+
+
+def apply_gradients_if_finite(state: TrainState, grads, loss, *, ema_decay: float | None, **extra):
+    """Applies the update (and EMA) only when loss and gradients are finite.
+
+    A non-finite step leaves the state as it was; the returned flag lets the host stop the run
+    naming that step, with the last good parameters intact.
+    """
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = state.apply_gradients(grads=grads, **extra)
+    if ema_decay is not None:
+        new = new.replace(ema_params=jax.tree.map(
+            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, new.params))
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    # The step counter always advances so the host can name the failing step.
+    new = new.replace(step=state.step + 1)
+    return new, finite, grad_norm
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class Checkpointer:
+    """An orbax ``CheckpointManager`` holding ``state`` (a pytree) and ``meta`` (JSON) per step."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int, best_mode: str | None = None,
+                 read_only: bool = False):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            best_fn=(lambda m: m["metric"]) if best_mode else None,
+            best_mode=best_mode or "max", keep_checkpoints_without_metrics=best_mode is None)
+        self.directory = pathlib.Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state_tree, meta: dict, *, metric: float | None = None) -> None:
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)),
+            metrics={"metric": float(metric)} if metric is not None else None)
+
+    def restore(self, step: int, abstract_state=None):
+        """Returns ``(state_tree, meta)``; with no ``abstract_state`` the arrays come back as saved."""
+        state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else ocp.args.StandardRestore()
+        out = self.manager.restore(int(step), args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, sharding):
+    """ShapeDtypeStructs of ``tree`` with the given sharding (a restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
+# ----------------------------------------------------------------------------- logs
+
+class MetricWriter:
+    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard events, process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path, *, resume_step: int = 0):
+        self.enabled = is_main_process()
+        self.path = workdir / "metrics.jsonl"
+        self._tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # Drop lines logged after the checkpoint we resume from.
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(workdir / "tb"))
+        except ImportError:  # TensorBoard events are optional.
+            logging.info("tensorboardX not installed: no TensorBoard events")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar with ETA on a terminal (process 0); periodic log lines otherwise."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True):
+        self.bar = None
+        if enabled and is_main_process() and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, postfix: dict | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    """Writes JSON atomically (tmp + rename), process 0 only."""
+    if not is_main_process():
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    write_json(workdir / "config.json", config.to_dict())
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "fadjax"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Timer:
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt

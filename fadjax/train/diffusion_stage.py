@@ -1,0 +1,343 @@
+"""The diffusion stage: baseline and feature-aligned training in one compiled step.
+
+One call of the step draws the batch from the device-resident training images, noises it
+(``x_t = q_sample(x0, t, eps)``), runs the U-Net (which also returns its named features), runs
+the frozen expert on ``x_t`` (or ``x0`` for the Table I ablation), projects the expert's
+features with ``W_p``, adds ``w2 * (1 - cos)`` to ``w1 * MSE``, and applies Adam (and the EMA).
+The baseline is the same step with the alignment term compiled out.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from fadjax import align as align_lib
+from fadjax import config_lib
+from fadjax import diffusion as diffusion_lib
+from fadjax.data import pipeline
+from fadjax.models import build
+from fadjax.train import common
+from fadjax.train import inputs
+
+
+def _resize(x, size: int | None):
+    if size is None or x.shape[1] == size:
+        return x
+    return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
+
+
+def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Schedule, expert=None):
+    """``loss_fn(params, consts, x0, labels, noise, t) -> (loss, aux)`` of one (local) batch.
+
+    ``consts`` holds what the step reads but never trains: ``expert`` variables and the
+    ``text_features`` of CLIP conditioning.
+    """
+    a = config.align
+    w1 = float(config.diffusion.loss_weight)
+    w2 = float(a.weight)
+    use_align = bool(a.enabled)
+
+    def loss_fn(params, consts, x0, labels, noise, t):
+        x_t = diffusion_lib.q_sample(schedule, x0, t, noise)  # [B, H, W, C]
+        eps, feats = model(params, x_t, t, labels, consts.get("text_features"))
+        noise_loss = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+        loss = w1 * noise_loss
+        aux = {"noise_loss": noise_loss}
+        if use_align:
+            x_e = _resize(x_t if a.expert_input == "noisy" else x0, a.expert_resize)
+            _, e_feats = expert.apply(consts["expert"], x_e, train=False)
+            align_loss = align_lib.cosine_alignment_loss(
+                params["proj"], e_feats[a.expert_feature], feats[a.unet_feature])
+            loss = loss + w2 * align_loss
+            aux["align_loss"] = align_loss
+        return loss, aux
+
+    return loss_fn
+
+
+def make_draw_fn(config, *, num_examples: int, null_label: int | None):
+    """``draw(step, images, labels) -> (x0, y, noise, t)`` of the GLOBAL batch of a step.
+
+    Every random draw has the global batch shape and depends only on the seed and the step,
+    so one device, eight devices, pmap and sharded all see the same batch, and a resumed run
+    continues exactly like an uninterrupted one.
+    """
+    B = config.train.batch_size
+    d = config.data
+    max_t = int(config.diffusion.max_train_timestep)
+    p_drop = float(config.cond.label_dropout)
+    root = jax.random.key(config.seed)
+    data_key, step_root = jax.random.split(root)
+
+    def draw(step, images, labels):
+        k_noise, k_t, k_aug, k_drop = jax.random.split(jax.random.fold_in(step_root, step), 4)
+        idx = pipeline.batch_indices(data_key, step, num_examples=num_examples, batch_size=B)
+        x0 = pipeline.augment(k_aug, pipeline.to_float(images[idx]), hflip=d.hflip, vflip=d.vflip)
+        y = labels[idx]
+        if null_label is not None and p_drop > 0:
+            y = jnp.where(jax.random.bernoulli(k_drop, p_drop, (B,)), null_label, y)
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        t = jax.random.randint(k_t, (B,), 0, max_t)
+        return x0, y, noise, t
+
+    return draw
+
+
+def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
+    """The compiled step ``(state, images, labels, consts) -> (state, metrics)`` for ``par``."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def finish(state, loss, aux, grads):
+        new, finite, grad_norm = common.apply_gradients_if_finite(state, grads, loss, ema_decay=ema_decay)
+        metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr_fn(state.step),
+                   "finite": finite.astype(jnp.float32)}
+        return new, metrics
+
+    if par.mode == "sharded":
+        def step(state, images, labels, consts):
+            batch = draw(state.step, images, labels)
+            batch = jax.lax.with_sharding_constraint(batch, par.batch_sharded)
+            (loss, aux), grads = grad_fn(state.params, consts, *batch)
+            return finish(state, loss, aux, grads)
+
+        return jax.jit(step, donate_argnums=(0,), out_shardings=(par.replicated, par.replicated))
+
+    n = par.num_devices
+
+    def pstep(state, images, labels, consts):
+        batch = draw(state.step, images, labels)
+        i = jax.lax.axis_index(common.DATA_AXIS)
+        local = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * (a.shape[0] // n), a.shape[0] // n), batch)
+        (loss, aux), grads = grad_fn(state.params, consts, *local)
+        grads, loss, aux = jax.lax.pmean((grads, loss, aux), common.DATA_AXIS)
+        return finish(state, loss, aux, grads)
+
+    return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
+
+
+def _checkpoint_tree(state: common.TrainState, rng_seed: int) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+            "ema_params": state.ema_params, "seed": jnp.asarray(rng_seed, jnp.int32)}
+
+
+def _text_features(config, workdir: pathlib.Path, labels: build.LabelSpace):
+    """CLIP text features of the label texts, computed once and stored in the workdir."""
+    if config.cond.mode != "clip":
+        return None
+    path = workdir / "text_features.npy"
+    texts = labels.texts(config.cond.prompt)
+    if path.exists():
+        feats = np.load(path, allow_pickle=False)
+        if feats.shape[0] == len(texts):
+            return build.null_padded(feats, labels)
+    from fadjax.models import conditioning
+    feats = np.asarray(conditioning.compute_clip_text_features(config.cond.clip_path, texts), np.float32)
+    if common.is_main_process():
+        np.save(path, feats)
+    return build.null_padded(feats, labels)
+
+
+def _hooks_default():
+    return {"label_space": None, "train_data": None, "init_params": None}
+
+
+def train(config, workdir, *, hooks: dict | None = None) -> dict:
+    """Trains a diffusion model; resumes from ``workdir`` when it holds a checkpoint.
+
+    Args:
+      config: a diffusion config (see ``configs/baseline.py``, ``configs/feature_aligned.py``).
+      workdir: the run's folder (checkpoints, logs, split, resolved config).
+      hooks: optional overrides used by DreamBooth: ``label_space(ds) -> LabelSpace``,
+        ``train_data(ds, train_idx, labels, model) -> (images uint8, labels int32)``,
+        ``init_params(model, params) -> params``.
+
+    Returns:
+      A summary dict (final step, last logged metrics, wall time).
+    """
+    from fadjax import runs
+
+    t_start = time.time()
+    hooks = {**_hooks_default(), **(hooks or {})}
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    common.log_topology()
+    par = common.make_parallel(config, config.train.batch_size)
+
+    ds = inputs.load_dataset(config, workdir)
+    train_idx, _ = inputs.load_split(config, workdir, ds)
+    labels = (hooks["label_space"] or (lambda ds: build.LabelSpace(
+        tuple(ds.class_names), has_null=config.cond.label_dropout > 0)))(ds)
+    text_features = _text_features(config, workdir, labels)
+
+    # Models (U-Net from pretrained weights when asked), features checked by name.
+    unet_module = unet_params = None
+    if config.model.pretrained:
+        from fadjax.models import unet as unet_lib
+        dtype = common.compute_dtype(config)
+        unet_module, unet_params = unet_lib.from_pretrained(
+            config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
+            dtype=dtype, attention=config.model.attention)
+    model = build.build_diffusion_model(config, labels, unet_module=unet_module)
+    image_size, channels = config.data.image_size, config.data.channels
+    levels = len(model.unet.config.block_out_channels) - 1
+    if image_size % (2 ** levels):
+        raise config_lib.ConfigError(
+            f"config.data.image_size: {image_size} cannot be halved {levels} times by the U-Net "
+            f"(use a multiple of {2 ** levels})")
+    feat_shapes = model.feature_shapes(image_size=image_size, channels=channels)
+    expert = expert_run = None
+    if config.align.enabled:
+        if config.align.unet_feature not in feat_shapes:
+            raise config_lib.ConfigError(
+                f"config.align.unet_feature: {config.align.unet_feature!r} is not a U-Net feature; "
+                f"choose one of {sorted(feat_shapes)}")
+        expert_run = runs.load_expert_run(config.align.expert_workdir, dtype=common.compute_dtype(config))
+        if list(expert_run.class_names) != list(ds.class_names):
+            raise config_lib.ConfigError(
+                f"config.align.expert_workdir: the expert was trained on classes {expert_run.class_names}, "
+                f"this run's data has {ds.class_names}")
+        expert = expert_run.module
+        e_size = config.align.expert_resize or image_size
+        e_shapes = expert_run.feature_shapes(image_size=e_size, channels=channels)
+        if config.align.expert_feature not in e_shapes:
+            raise config_lib.ConfigError(
+                f"config.align.expert_feature: {config.align.expert_feature!r} is not an expert feature; "
+                f"choose one of {sorted(e_shapes)}")
+        e_dim = e_shapes[config.align.expert_feature][-1]
+        u_dim = feat_shapes[config.align.unet_feature][-1]
+        logging.info("aligning U-Net %s %s to expert %s %s (%s input) with W_p %dx%d",
+                     config.align.unet_feature, feat_shapes[config.align.unet_feature],
+                     config.align.expert_feature, e_shapes[config.align.expert_feature],
+                     config.align.expert_input, e_dim, u_dim)
+
+    # Training data on the device(s).
+    if hooks["train_data"] is not None:
+        train_images, train_labels = hooks["train_data"](ds, train_idx, labels, model)
+    else:
+        train_images, train_labels = ds.images[train_idx], ds.labels[train_idx]
+    num_train = len(train_labels)
+    spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
+    total = common.run_length(config.train, spe)
+    lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe, total_steps=total)
+    tx = common.make_optimizer(config.optim, lr_fn)
+    schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
+
+    # Parameters: resume > init_from > pretrained > scratch.
+    ema_decay = config.train.ema_decay
+
+    def fresh_params():
+        k_model, k_proj = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+        params = model.init(k_model, image_size=image_size, channels=channels, unet_params=unet_params,
+                            text_features=text_features)
+        if config.align.enabled:
+            params["proj"] = align_lib.init_projection(k_proj, e_dim, u_dim)
+        return params
+
+    params = jax.jit(fresh_params)() if unet_params is None else fresh_params()
+    if config.init_from:
+        src = runs.load_diffusion_run(config.init_from, use_ema=False)
+        params = runs.merge_params(params, src.params, source=config.init_from)
+        if hooks["init_params"] is not None:
+            params = hooks["init_params"](model, params, src)
+    state = common.TrainState.create(apply_fn=None, params=params, tx=tx,
+                                     ema_params=params if ema_decay is not None else None)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    logging.info("parameters: %.1fM (%s)", n_params / 1e6,
+                 ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.2f}M" for k, v in params.items()))
+
+    ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        abstract = common.abstract_like(_checkpoint_tree(state, config.seed),
+                                        par.replicated if par.mode == "sharded" else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        tree, meta = ckpt.restore(start, abstract)
+        state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                              ema_params=tree["ema_params"])
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
+    if start >= total:
+        logging.info("run already complete (%d/%d steps)", start, total)
+
+    # Run record.
+    if common.is_main_process():
+        common.save_config(workdir, config)
+        record = {"stage": "diffusion", "labels": labels.to_dict(), "data_source": config.data.source,
+                  "num_train": num_train, "steps_per_epoch": spe, "total_steps": total,
+                  "versions": common.versions(), "parameters": n_params,
+                  "unet_config": model.unet.config.to_dict()}
+        if expert_run is not None:
+            record["expert"] = {"workdir": str(pathlib.Path(config.align.expert_workdir).absolute()),
+                                "step": expert_run.step, "sha256": expert_run.checkpoint_sha256,
+                                "val_accuracy": expert_run.val_accuracy}
+        common.write_json(workdir / "run.json", record)
+
+    # Everything the step reads, on the device(s).
+    consts = {"text_features": text_features}
+    if expert_run is not None:
+        consts["expert"] = expert_run.variables
+    state = par.put_replicated(state)
+    dev_images, dev_labels, consts = par.put_replicated((train_images, train_labels.astype(np.int32), consts))
+
+    loss_fn = make_loss_fn(model, config, schedule, expert)
+    draw = make_draw_fn(config, num_examples=num_train, null_label=labels.null_label)
+    step_fn = make_train_step(loss_fn, draw, par, lr_fn=lr_fn, ema_decay=ema_decay)
+
+    summary = {"workdir": str(workdir), "total_steps": total, "start_step": start}
+    if start < total:
+        t0 = time.perf_counter()
+        step_fn = step_fn.lower(state, dev_images, dev_labels, consts).compile()
+        logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
+        summary.update(_loop(config, workdir, par, state, step_fn, (dev_images, dev_labels, consts),
+                             ckpt, start=start, total=total, spe=spe))
+    ckpt.close()
+    summary["wall_s"] = time.time() - t_start
+    return summary
+
+
+def _loop(config, workdir, par, state, step_fn, step_args, ckpt, *, start, total, spe):
+    t = config.train
+    writer = common.MetricWriter(workdir, resume_step=start)
+    progress = common.Progress(total, start, desc=f"train {workdir.name}", enabled=t.progress)
+    buf: list[dict] = []
+    step = start
+    last = {}
+    timer = common.Timer()
+    try:
+        while step < total:
+            state, metrics = step_fn(state, *step_args)
+            buf.append(metrics)
+            step += 1
+            save_now = step % t.checkpoint_every == 0 or step == total
+            if step % t.log_every == 0 or save_now:
+                rows = jax.device_get(buf)
+                if par.mode == "pmap":
+                    rows = [{k: v[0] for k, v in r.items()} for r in rows]
+                bad = [step - len(rows) + i + 1 for i, r in enumerate(rows) if r["finite"] < 1]
+                if bad:
+                    raise common.NonFiniteLossError(
+                        f"non-finite loss or gradient at step {bad[0]} (loss {rows[bad[0] - step + len(rows) - 1]['loss']}); "
+                        f"stopped; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                dt = timer.lap()
+                last = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
+                last["img_per_s"] = len(rows) * t.batch_size / dt
+                last["epoch"] = step / spe
+                writer.write(step, last)
+                progress.update(len(rows), {k: last[k] for k in ("loss", "noise_loss", "align_loss") if k in last})
+                if not progress.bar:
+                    logging.info("step %d/%d %s", step, total, {k: round(v, 5) for k, v in last.items()})
+                buf = []
+            if save_now:
+                host_state = par.unreplicate(state)
+                ckpt.save(step, _checkpoint_tree(host_state, config.seed), {"step": step, **last})
+    finally:
+        progress.close()
+        writer.close()
+        ckpt.wait()
+    return {"final_step": step, "last_metrics": last}

@@ -1,0 +1,241 @@
+"""The expert stage: train and validate the classifier the diffusion model is aligned to.
+
+Paper §V-A: ResNet50 (ImageNet init when given), 1-channel stem, head 2048-256-ReLU-K,
+Adam 1e-4 with StepLR(0.7) per epoch, batch 64, 224x224 inputs in [0, 1] with random flips,
+80/20 split; the checkpoint with the best validation accuracy is kept.
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from fadjax import config_lib
+from fadjax.data import pipeline
+from fadjax.train import common
+from fadjax.train import inputs
+
+
+def build_expert_module(config, num_classes: int):
+    """``(module, variables_or_None)``: pretrained when ``expert.pretrained`` is set."""
+    from fadjax.models import expert as expert_lib
+    e = config.expert
+    dtype = common.compute_dtype(config)
+    if e.pretrained:
+        return expert_lib.from_pretrained(e.pretrained, in_channels=config.data.channels,
+                                          num_classes=num_classes, head_hidden=e.head_hidden, dtype=dtype)
+    kw = {"head_hidden": e.head_hidden}
+    if e.arch.startswith("resnet"):
+        kw["width"] = e.width
+    return expert_lib.build_expert(e.arch, num_classes=num_classes, dtype=dtype, **kw), None
+
+
+def _has_bn(variables) -> bool:
+    return "batch_stats" in variables
+
+
+def make_train_step(module, config, par: common.Parallel, *, num_examples: int, lr_fn):
+    B = config.train.batch_size
+    root = jax.random.key(config.seed)
+    data_key, step_root = jax.random.split(jax.random.fold_in(root, 7))
+    d = config.data
+
+    def draw(step, images, labels):
+        idx = pipeline.batch_indices(data_key, step, num_examples=num_examples, batch_size=B)
+        x = pipeline.augment(jax.random.fold_in(step_root, step), pipeline.to_float(images[idx]),
+                             hflip=d.hflip, vflip=d.vflip)
+        return x, labels[idx]
+
+    def loss_fn(params, batch_stats, x, y):
+        variables = {"params": params}
+        if batch_stats is not None:
+            variables["batch_stats"] = batch_stats
+            (logits, _), upd = module.apply(variables, x, train=True, mutable=["batch_stats"])
+            new_stats = upd["batch_stats"]
+        else:
+            logits, _ = module.apply(variables, x, train=True)
+            new_stats = None
+        logits = logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return loss, (new_stats, acc)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def finish(state, loss, acc, grads, new_stats):
+        new, finite, gnorm = common.apply_gradients_if_finite(state, grads, loss, ema_decay=None,
+                                                               batch_stats=new_stats)
+        return new, {"loss": loss, "train_accuracy": acc, "grad_norm": gnorm, "lr": lr_fn(state.step),
+                     "finite": finite.astype(jnp.float32)}
+
+    if par.mode == "sharded":
+        def step(state, images, labels):
+            x, y = jax.lax.with_sharding_constraint(draw(state.step, images, labels), par.batch_sharded)
+            (loss, (stats, acc)), grads = grad_fn(state.params, state.batch_stats, x, y)
+            return finish(state, loss, acc, grads, stats)
+
+        return jax.jit(step, donate_argnums=(0,), out_shardings=(par.replicated, par.replicated))
+
+    n = par.num_devices
+
+    def pstep(state, images, labels):
+        x, y = draw(state.step, images, labels)
+        i = jax.lax.axis_index(common.DATA_AXIS)
+        x, y = (jax.lax.dynamic_slice_in_dim(a, i * (B // n), B // n) for a in (x, y))
+        (loss, (stats, acc)), grads = grad_fn(state.params, state.batch_stats, x, y)
+        # Per-device BatchNorm statistics (like PyTorch DDP without SyncBN), averaged after the step.
+        grads, loss, acc, stats = jax.lax.pmean((grads, loss, acc, stats), common.DATA_AXIS)
+        return finish(state, loss, acc, grads, stats)
+
+    return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
+
+
+def make_predict(module):
+    @jax.jit
+    def predict(variables, x_uint8):
+        logits, _ = module.apply(variables, pipeline.to_float(x_uint8), train=False)
+        return jnp.argmax(logits, -1)
+    return predict
+
+
+def evaluate(predict, variables, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int):
+    """Accuracy and confusion matrix (rows: true class, columns: predicted) on host arrays."""
+    preds = []
+    for i in range(0, len(labels), batch):
+        xb = images[i:i + batch]
+        pad = batch - len(xb)
+        if pad:  # One compiled shape for every batch.
+            xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+        preds.append(np.asarray(predict(variables, xb))[: batch - pad])
+    preds = np.concatenate(preds) if preds else np.zeros((0,), np.int64)
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(conf, (labels, preds), 1)
+    return float(np.mean(preds == labels)) if len(labels) else float("nan"), conf
+
+
+def _tree(state) -> dict:
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state}
+
+
+def train(config, workdir) -> dict:
+    """Trains the expert; resumes from ``workdir`` when it holds a checkpoint."""
+    from fadjax import plots
+    from fadjax.runs import module_spec
+
+    t_start = time.time()
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    common.log_topology()
+    par = common.make_parallel(config, config.train.batch_size)
+    ds = inputs.load_dataset(config, workdir)
+    train_idx, val_idx = inputs.load_split(config, workdir, ds)
+    K = len(ds.class_names)
+    module, variables = build_expert_module(config, K)
+    if variables is None:
+        from fadjax.models import expert as expert_lib
+        variables = expert_lib.init_expert(module, jax.random.fold_in(jax.random.key(config.seed), 1),
+                                           image_size=config.data.image_size, in_channels=config.data.channels)
+    num_train = len(train_idx)
+    spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
+    total = common.run_length(config.train, spe)
+    lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe, total_steps=total)
+    state = common.TrainState.create(apply_fn=None, params=variables["params"], tx=common.make_optimizer(config.optim, lr_fn),
+                                     batch_stats=variables.get("batch_stats"))
+    logging.info("expert %s: %.2fM parameters, %d classes, %d train / %d val images", config.expert.arch,
+                 sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, K, num_train, len(val_idx))
+
+    ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    best = common.Checkpointer(workdir / "best", keep=1, best_mode="max")
+    start = ckpt.latest_step() or 0
+    best_acc = -1.0
+    if start:
+        tree, _ = ckpt.restore(start, common.abstract_like(_tree(state), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+        state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+                              opt_state=tree["opt_state"])
+        if best.best_step() is not None:
+            best_acc = float(best.restore(best.best_step())[1].get("val_accuracy", -1.0))
+        logging.info("resumed from step %d (best validation accuracy so far %.4f)", start, best_acc)
+
+    if common.is_main_process():
+        common.save_config(workdir, config)
+        common.write_json(workdir / "run.json", {
+            "stage": "expert", "class_names": list(ds.class_names), "data_source": config.data.source,
+            "expert_module": module_spec(module), "num_train": num_train, "num_val": len(val_idx),
+            "steps_per_epoch": spe, "total_steps": total, "versions": common.versions()})
+
+    state = par.put_replicated(state)
+    dev_images, dev_labels = par.put_replicated((ds.images[train_idx], ds.labels[train_idx].astype(np.int32)))
+    step_fn = make_train_step(module, config, par, num_examples=num_train, lr_fn=lr_fn)
+    predict = make_predict(module)
+    val_images, val_labels = ds.images[val_idx], ds.labels[val_idx].astype(np.int64)
+
+    t = config.train
+    writer = common.MetricWriter(workdir, resume_step=start)
+    progress = common.Progress(total, start, desc=f"expert {workdir.name}", enabled=t.progress)
+    step, buf, last = start, [], {}
+    eval_every = max(1, int(t.eval_every_epoch)) * spe
+    timer = common.Timer()
+    if start < total:
+        c0 = time.perf_counter()
+        step_fn = step_fn.lower(state, dev_images, dev_labels).compile()
+        logging.info("expert train step compiled in %.1fs", time.perf_counter() - c0)
+    try:
+        while step < total:
+            state, m = step_fn(state, dev_images, dev_labels)
+            buf.append(m)
+            step += 1
+            do_eval = step % eval_every == 0 or step == total
+            save_now = step % t.checkpoint_every == 0 or do_eval
+            if step % t.log_every == 0 or save_now:
+                rows = jax.device_get(buf)
+                if par.mode == "pmap":
+                    rows = [{k: v[0] for k, v in r.items()} for r in rows]
+                bad = [step - len(rows) + i + 1 for i, r in enumerate(rows) if r["finite"] < 1]
+                if bad:
+                    raise common.NonFiniteLossError(
+                        f"non-finite loss or gradient at step {bad[0]}; stopped; the last good checkpoint is "
+                        f"step {ckpt.latest_step()} in {ckpt.directory}")
+                last = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
+                last["img_per_s"] = len(rows) * t.batch_size / timer.lap()
+                last["epoch"] = step / spe
+                buf = []
+                if do_eval:
+                    host = par.unreplicate(state)
+                    variables = {"params": host.params}
+                    if host.batch_stats is not None:
+                        variables["batch_stats"] = host.batch_stats
+                    acc, conf = evaluate(predict, variables, val_images, val_labels, K, t.eval_batch_size)
+                    last["val_accuracy"] = acc
+                    if acc > best_acc:
+                        best_acc = acc
+                        best.save(step, {"params": host.params, "batch_stats": host.batch_stats},
+                                  {"step": step, "val_accuracy": acc, "confusion": conf.tolist(),
+                                   "class_names": list(ds.class_names)}, metric=acc)
+                        if common.is_main_process():
+                            common.write_json(workdir / "expert_eval.json", {
+                                "step": step, "val_accuracy": acc, "num_val": int(len(val_labels)),
+                                "class_names": list(ds.class_names), "confusion": conf.tolist(),
+                                "per_class_accuracy": dict(zip(ds.class_names, (np.diag(conf) / np.maximum(conf.sum(1), 1)).tolist()))})
+                            plots.confusion_matrix_png(conf, ds.class_names, workdir / "confusion.png",
+                                                       title=f"Expert validation confusion (step {step}, acc {acc:.3f})")
+                    logging.info("step %d: validation accuracy %.4f (best %.4f)", step, acc, best_acc)
+                writer.write(step, last)
+                progress.update(len(rows), {k: last[k] for k in ("loss", "train_accuracy", "val_accuracy") if k in last})
+                if not progress.bar:
+                    logging.info("step %d/%d %s", step, total, {k: round(v, 5) for k, v in last.items()})
+            if save_now:
+                ckpt.save(step, _tree(par.unreplicate(state)), {"step": step, **last})
+    finally:
+        progress.close()
+        writer.close()
+        ckpt.close()
+        best.close()
+    return {"workdir": str(workdir), "final_step": step, "best_val_accuracy": best_acc,
+            "last_metrics": last, "wall_s": time.time() - t_start}
