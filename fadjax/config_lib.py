@@ -85,6 +85,7 @@ def expert_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage = "expert"
     c.seed = 0  # Seed of initialisation, data order and augmentation.
     c.parallel = "sharded"  # "sharded" (jit over a device mesh) or "pmap".
+    c.num_devices = placeholder(int)  # Use only the first N devices; None = all of them.
     c.dtype = "float32"  # Compute dtype ("bfloat16" for mixed precision; params stay float32).
     c.data = _data(224)
     c.expert = ml_collections.ConfigDict()
@@ -119,6 +120,7 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     c.stage = "diffusion"
     c.seed = 0  # Seed of initialisation, data order, noise and timesteps.
     c.parallel = "sharded"  # "sharded" (jit over a device mesh) or "pmap".
+    c.num_devices = placeholder(int)  # Use only the first N devices; None = all of them.
     c.dtype = "float32"  # Compute dtype ("bfloat16": bf16 activations, float32 params and Adam state).
     c.init_from = placeholder(str)  # Start from this diffusion run's workdir (fine-tuning, DreamBooth).
     c.data = _data(64)
@@ -247,6 +249,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     _check(config.stage in STAGES, "stage", f"{config.stage!r} is not one of {STAGES}")
     _check(config.parallel in PARALLEL, "parallel", f"{config.parallel!r} is not one of {PARALLEL}")
+    _check(config.num_devices is None or config.num_devices >= 1, "num_devices",
+           f"{config.num_devices} must be >= 1")
     _check(config.dtype in DTYPES, "dtype", f"{config.dtype!r} is not one of {DTYPES}")
     d = config.data
     _check(isinstance(d.source, str) and bool(d.source), "data.source",

@@ -269,6 +269,12 @@ def load_expert_run(workdir, *, dtype=jnp.float32) -> ExpertRun:
     if tree.get("batch_stats") is not None:
         variables["batch_stats"] = tree["batch_stats"]
     variables = jax.tree.map(jnp.asarray, variables)
-    split = _read_json(workdir / "split.json")
+    raw = _read_json(workdir / "split.json")
+    files = [None] * int(raw["num_examples"])
+    for part in ("train", "val"):
+        for i, f in zip(raw[part]["indices"], raw[part]["files"]):
+            files[i] = f
+    split = {"train_idx": raw["train"]["indices"], "val_idx": raw["val"]["indices"], "files": files,
+             "source": raw["source"], "class_names": raw["class_names"]}
     return ExpertRun(workdir, config, int(step), module, variables, list(record["class_names"]),
                      meta.get("val_accuracy"), directory_sha256(best_dir / str(step)), split)

@@ -107,6 +107,11 @@ def make_parallel(config, global_batch: int) -> Parallel:
         devices = jax.local_devices()
     else:
         devices = jax.devices()
+    if config.get("num_devices") is not None:
+        if config.num_devices > len(devices):
+            raise config_lib.ConfigError(
+                f"config.num_devices: {config.num_devices} requested, {len(devices)} available")
+        devices = devices[: config.num_devices]
     n = len(devices)
     if global_batch % n:
         raise config_lib.ConfigError(

@@ -223,8 +223,8 @@ def train(config, workdir) -> dict:
                                 "step": step, "val_accuracy": acc, "num_val": int(len(val_labels)),
                                 "class_names": list(ds.class_names), "confusion": conf.tolist(),
                                 "per_class_accuracy": dict(zip(ds.class_names, (np.diag(conf) / np.maximum(conf.sum(1), 1)).tolist()))})
-                            plots.confusion_matrix_png(conf, ds.class_names, workdir / "confusion.png",
-                                                       title=f"Expert validation confusion (step {step}, acc {acc:.3f})")
+                            plots.confusion(conf, ds.class_names, ds.class_names, workdir / "confusion.png",
+                                            title=f"Expert validation confusion (step {step}, acc {acc:.3f})")
                     logging.info("step %d: validation accuracy %.4f (best %.4f)", step, acc, best_acc)
                 writer.write(step, last)
                 progress.update(len(rows), {k: last[k] for k in ("loss", "train_accuracy", "val_accuracy") if k in last})
