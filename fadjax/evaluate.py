@@ -1,0 +1,290 @@
+"""Judges generated images with the expert classifier (paper §V-D).
+
+    python -m fadjax.evaluate --generated gens/fad --expert_workdir runs/expert \
+        --real folder:/path/to/tiles --out reports/fad
+
+Writes ``OUT/metrics.json`` and ``confusion_generated.png``, ``confusion_real.png``,
+``ssim.png``, ``grid.png`` plus ``real_examples.npz`` (real images per class, for ``report``).
+
+* Generation accuracy: the expert (at its own training size, eval mode) classifies every
+  generated image; accuracy per seed, mean and standard deviation over seeds (``ddof=1``),
+  accuracy per class, confusion counts (rows: generated classes, columns: all expert classes).
+* SSIM diversity (``fadjax.metrics`` pairing rule) of the generated images, and of real images
+  grouped the same way: for every seed ``s`` and class ``c`` of the generations,
+  ``num_per_class`` real images of ``c`` drawn without replacement by
+  ``np.random.default_rng([s, class_index])`` (all of them when the class has fewer), at the
+  generated size. Real images come from the expert run's validation split when ``--real`` is
+  the expert's data source (the default), else from all images of the given source.
+* The expert's accuracy and confusion on its own validation split (real data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from fadjax import metrics, plots
+from fadjax.sample import MANIFEST
+
+REAL_EXAMPLES = "real_examples.npz"
+
+
+def read_manifest(generated_dir: str) -> dict:
+    """The manifest of a ``fadjax.sample`` output folder, checked to list existing images.
+
+    Raises:
+      FileNotFoundError: no folder, no manifest (e.g. an interrupted run), or missing images.
+      ValueError: the manifest lists no images.
+    """
+    if not os.path.isdir(generated_dir):
+        raise FileNotFoundError(f"generated folder {generated_dir!r} does not exist")
+    path = os.path.join(generated_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no generated images in {generated_dir!r}: {MANIFEST} is missing "
+                                "(run `python -m fadjax.sample`; an interrupted run writes no manifest)")
+    with open(path) as f:
+        manifest = json.load(f)
+    if not manifest.get("images"):
+        raise ValueError(f"the generated folder {generated_dir!r} is empty: its manifest lists no images")
+    missing = [e["file"] for e in manifest["images"] if not os.path.exists(os.path.join(generated_dir, e["file"]))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images listed in {path} are missing, e.g. {missing[:3]}")
+    return manifest
+
+
+def read_png(path: str) -> np.ndarray:
+    a = np.asarray(Image.open(path))
+    return a[..., None] if a.ndim == 2 else a[..., :3]
+
+
+def _match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 ``[N,H,W,C]`` to ``channels`` (gray repeated to RGB; RGB to ITU-R 601-2 luma as PIL "L")."""
+    if images.shape[-1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.round(luma)[..., None].astype(np.uint8)
+
+
+def classify(expert, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Expert predictions for uint8 ``[N,H,W,C]`` images, in fixed-size (padded) batches."""
+    fn = jax.jit(expert.classify_fn)
+    images = _match_channels(images, expert.channels)
+    preds = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+        logits = fn(x.astype(np.float32) / 255.0)
+        preds.append(np.asarray(np.argmax(logits, axis=-1))[:len(chunk)])
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    from fadjax.data import images as images_lib
+    return np.stack([images_lib.to_array(images_lib.from_array(a), image_size=size, channels=channels)
+                     for a in images])
+
+
+def _same_source(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    if a.startswith("folder:") and b.startswith("folder:"):
+        return os.path.realpath(a[7:]) == os.path.realpath(b[7:])
+    return a == b
+
+
+def real_images(expert, real: str | None, *, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """Real images at the generated size for the SSIM reference.
+
+    Args:
+      expert: the loaded expert run.
+      real: a data source string; ``None`` = the expert's own data source.
+      size: side of the generated images.
+      channels: channels of the generated images.
+
+    Returns:
+      ``(images uint8 [N,size,size,channels], labels [N], class_names, description)``.
+    """
+    from fadjax import data
+    source = expert.split.get("source")
+    real = real or source
+    if _same_source(real, source):
+        val_idx = np.asarray(expert.split["val_idx"], np.int64)
+        try:
+            ds = data.load(real, image_size=size, channels=channels,
+                           classes=expert.config.data.get("classes"), progress=False)
+            if list(ds.files) != list(expert.split["files"]):
+                raise data.DataError(f"{real} no longer lists the files of the expert's split")
+        except data.DataError as e:
+            logging.warning("%s; resizing the expert's validation images instead", e)
+            x, y = expert.load_val_data()
+            return _resize(x, size, channels), np.asarray(y), list(expert.class_names), \
+                f"{source} (expert validation split, resized from {expert.image_size})"
+        return ds.images[val_idx], ds.labels[val_idx], list(ds.class_names), f"{real} (expert validation split)"
+    ds = data.load(real, image_size=size, channels=channels, progress=False)
+    return ds.images, ds.labels, list(ds.class_names), f"{real} (all images)"
+
+
+def real_groups(images, labels, class_names, *, classes, seeds, num_per_class) -> dict:
+    """``{(seed, class): uint8 images}``: the module docstring's deterministic draw per seed and class."""
+    groups = {}
+    for c in classes:
+        if c not in class_names:
+            continue
+        k = class_names.index(c)
+        pool = np.flatnonzero(np.asarray(labels) == k)
+        if pool.size == 0:
+            continue
+        for s in seeds:
+            pick = np.random.default_rng([int(s), k]).choice(pool, size=min(num_per_class, pool.size), replace=False)
+            groups[(int(s), c)] = images[np.sort(pick)]
+    return groups
+
+
+def _ssim_of(groups: dict, classes: Sequence[str]) -> dict:
+    return metrics.group_ssim({k: v.astype(np.float32) / 255.0 for k, v in groups.items()}, classes)
+
+
+def evaluate(generated_dir: str, expert, out: str, *, real: str | None = None, batch_size: int = 64,
+             grid_per_class: int = 8) -> dict:
+    """Evaluates one folder of generations; writes ``out/metrics.json`` and figures.
+
+    Args:
+      generated_dir: output folder of ``fadjax.sample``.
+      expert: the loaded expert run (``fadjax.runs.load_expert_run``).
+      out: output folder.
+      real: data source of the real reference images; ``None`` = the expert's own data.
+      batch_size: expert batch size.
+      grid_per_class: images per class (synthetic and real) in ``grid.png`` and ``real_examples.npz``.
+
+    Returns:
+      The metrics written to ``metrics.json``.
+
+    Raises:
+      ValueError: the generated classes are not classes of the expert (both lists named).
+    """
+    manifest = read_manifest(generated_dir)
+    classes, seeds = list(manifest["classes"]), [int(s) for s in manifest["seeds"]]
+    unknown = [c for c in classes if c not in expert.class_names]
+    if unknown:
+        raise ValueError(f"the expert ({expert.workdir}) does not know the generated classes {unknown}: "
+                         f"expert classes {list(expert.class_names)}, generated classes {classes}")
+    os.makedirs(out, exist_ok=True)
+    entries = manifest["images"]
+    images = np.stack([read_png(os.path.join(generated_dir, e["file"])) for e in entries])  # [N,H,W,C] uint8
+    size, channels = images.shape[1], images.shape[-1]
+    true = np.array([expert.class_names.index(e["class"]) for e in entries])
+    entry_seeds = np.array([int(e["seed"]) for e in entries])
+    logging.info("classifying %d generated images", len(images))
+    pred = classify(expert, images, batch_size)
+    k = len(expert.class_names)
+
+    per_seed = {s: metrics.accuracy(true[entry_seeds == s], pred[entry_seeds == s]) for s in seeds}
+    mean, std = metrics.mean_std(list(per_seed.values()))
+    rows = [expert.class_names.index(c) for c in classes]
+    cm_gen = metrics.confusion_matrix(true, pred, k)[rows]
+    per_class_acc = {c: metrics.accuracy(true[true == r], pred[true == r]) for c, r in zip(classes, rows)}
+
+    gen_groups = {}
+    for e, img in zip(entries, images):
+        gen_groups.setdefault((int(e["seed"]), e["class"]), []).append(img)
+    gen_groups = {key: np.stack(v) for key, v in gen_groups.items()}
+    ssim_gen = _ssim_of(gen_groups, classes)
+
+    real_x, real_y, real_names, real_desc = real_images(expert, real, size=size, channels=channels)
+    groups_real = real_groups(real_x, real_y, real_names, classes=classes, seeds=seeds,
+                              num_per_class=int(manifest["num_per_class"]))
+    ssim_real = _ssim_of(groups_real, classes)
+
+    logging.info("classifying the expert's validation split")
+    val_x, val_y = expert.load_val_data()
+    val_pred = classify(expert, np.asarray(val_x), batch_size)
+    cm_real = metrics.confusion_matrix(val_y, val_pred, k)
+
+    examples = {c: real_x[np.asarray(real_y) == real_names.index(c)][:grid_per_class] if c in real_names
+                else np.zeros((0, size, size, channels), np.uint8) for c in classes}
+    np.savez_compressed(os.path.join(out, REAL_EXAMPLES), class_names=np.array(classes),
+                        **{f"class_{i}": examples[c] for i, c in enumerate(classes)})
+
+    result = {
+        "generated": {
+            "dir": os.path.abspath(generated_dir), "manifest": os.path.abspath(os.path.join(generated_dir, MANIFEST)),
+            **{key: manifest.get(key) for key in ("workdir", "step", "used_ema", "sampler", "steps", "eta",
+                                                  "guidance_scale", "num_per_class", "image_size", "channels",
+                                                  "counts")},
+            "classes": classes, "seeds": seeds,
+        },
+        "diffusion_run": {"workdir": manifest.get("workdir"), "metrics_jsonl": manifest.get("metrics_jsonl")},
+        "expert": {"workdir": os.path.abspath(str(expert.workdir)), "class_names": list(expert.class_names),
+                   "image_size": int(expert.image_size), "val_accuracy_checkpoint": float(expert.val_accuracy)},
+        "accuracy": {"per_seed": {str(s): v for s, v in per_seed.items()}, "mean": mean, "std": std,
+                     "std_ddof": 1, "per_class": per_class_acc, "num_images": int(len(images))},
+        "confusion_generated": {"rows": classes, "cols": list(expert.class_names), "counts": cm_gen.tolist()},
+        "ssim": {
+            "pairing": "mean over unordered pairs i<j within each (seed, class) group, then mean over seeds; "
+                       "overall = mean over classes",
+            "generated": ssim_gen,
+            "real": ssim_real,
+            "real_source": real_desc,
+        },
+        "expert_validation": {"accuracy": metrics.accuracy(val_y, val_pred), "num_images": int(len(val_y)),
+                              "confusion": {"rows": list(expert.class_names), "cols": list(expert.class_names),
+                                            "counts": cm_real.tolist()}},
+        "real_examples": REAL_EXAMPLES,
+    }
+    with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
+        json.dump(result, f, indent=1, default=_json_default)
+    os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+
+    run_name = os.path.basename(os.path.normpath(generated_dir))
+    plots.confusion(cm_gen, classes, expert.class_names, os.path.join(out, "confusion_generated.png"),
+                    title=f"Expert on generated images ({run_name}): accuracy {mean:.3f}")
+    plots.confusion(cm_real, expert.class_names, expert.class_names, os.path.join(out, "confusion_real.png"),
+                    title=f"Expert on real validation images: accuracy {result['expert_validation']['accuracy']:.3f}")
+    cats = classes + ["overall"]
+    plots.grouped_bars({"generated": {**ssim_gen["per_class"], "overall": ssim_gen["overall"]},
+                        "real": {**ssim_real["per_class"], "overall": ssim_real["overall"]}}, cats,
+                       os.path.join(out, "ssim.png"), title=f"SSIM diversity ({run_name}; lower = more diverse)",
+                       ylabel="mean pairwise SSIM")
+    first = seeds[0]
+    plots.image_grid([(c, gen_groups.get((first, c), np.zeros((0,) + images.shape[1:], np.uint8))[:grid_per_class],
+                       examples[c]) for c in classes],
+                     os.path.join(out, "grid.png"), title=f"{run_name}: synthetic (seed {first}) vs real")
+    logging.info("generation accuracy %.4f +- %.4f over %d seeds; wrote %s", mean, std, len(seeds), out)
+    return result
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fadjax.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--generated", required=True, help="output folder of fadjax.sample")
+    p.add_argument("--expert_workdir", required=True, help="expert run folder")
+    p.add_argument("--real", default=None, help="data source of real images (default: the expert's data)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch_size", type=int, default=64, help="expert batch size")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.set_verbosity(logging.INFO)
+    from fadjax.runs import load_expert_run
+    return evaluate(args.generated, load_expert_run(args.expert_workdir), args.out, real=args.real,
+                    batch_size=args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
