@@ -6,12 +6,16 @@
 
 `python -m fadjax.data --source ...` scans a source and reports what it found (see
 `fadjax/data/__main__.py`).
+
+The batching names (`DeviceData`, `HostBatches`, `augment`, `batch_indices`, `steps_per_epoch`,
+`to_float`, from `fadjax.data.pipeline`) are imported on first use, so that the data tools and
+the CLI do not pay for importing JAX.
 """
+import importlib
+
 from fadjax.data.cache import CacheMismatch
 from fadjax.data.dataset import BadFilesError, DataError, Dataset
 from fadjax.data.loader import load
-from fadjax.data.pipeline import (DeviceData, HostBatches, augment, batch_indices, steps_per_epoch,
-                                  to_float)
 from fadjax.data.sources import ScanReport, parse_source
 from fadjax.data.splits import load_split, save_split, split
 
@@ -20,3 +24,11 @@ __all__ = [
     "ScanReport", "augment", "batch_indices", "load", "load_split", "parse_source", "save_split",
     "split", "steps_per_epoch", "to_float",
 ]
+
+_PIPELINE = ("DeviceData", "HostBatches", "augment", "batch_indices", "steps_per_epoch", "to_float")
+
+
+def __getattr__(name):
+    if name in _PIPELINE:
+        return getattr(importlib.import_module("fadjax.data.pipeline"), name)
+    raise AttributeError(f"module 'fadjax.data' has no attribute {name!r}")

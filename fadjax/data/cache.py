@@ -25,13 +25,14 @@ class CacheMismatch(DataError):
     """A cache exists but does not match the request.
 
     Attributes:
+      path: the cache file.
       differences: one line per thing that differs.
     """
 
-    def __init__(self, path: str, differences: list[str]):
-        self.differences = differences
+    def __init__(self, path: str, differences: list[str], note: str = ""):
+        self.path, self.differences = path, differences
         super().__init__(f"cache {path} does not match the request:\n" +
-                         "\n".join(f"  {d}" for d in differences))
+                         "\n".join(f"  {d}" for d in differences) + (f"\n{note}" if note else ""))
 
 
 def settings(*, source: str, image_size: int, channels: int, classes: list[str] | None,

@@ -51,16 +51,12 @@ def from_array(array: np.ndarray) -> Image.Image:
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.dtype == np.uint16:
-        if array.ndim != 2:
-            raise ValueError(f"16-bit images must be single-channel, got shape {array.shape}")
-        return Image.fromarray(array.astype(np.uint16), mode="I;16")
-    if array.dtype != np.uint8:
+    if array.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected a uint8 or uint16 image array, got dtype {array.dtype}")
-    if array.ndim == 2:
-        return Image.fromarray(array, mode="L")
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        return Image.fromarray(array, mode="RGB" if array.shape[-1] == 3 else "RGBA")
+    if array.dtype == np.uint16 and array.ndim != 2:
+        raise ValueError(f"16-bit images must be single-channel, got shape {array.shape}")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
+        return Image.fromarray(np.ascontiguousarray(array))  # L, I;16, RGB or RGBA.
     raise ValueError(f"expected an image array [H, W] or [H, W, 1|3|4], got shape {array.shape}")
 
 
@@ -69,7 +65,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(img).astype(np.int64)  # [H, W]
         values = np.clip(values, 0, 65535)
-        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
     if img.mode in ("1", "L", "LA", "La"):
         return img.convert("L")
     if img.mode == "F":

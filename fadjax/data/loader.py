@@ -69,8 +69,11 @@ def load(source: str, *, image_size: int, channels: int,
                 files=sources.image_files(source, classes=classes) if here else None)
         except DataError as e:
             if not here:
-                raise DataError(f"{e}\nThe source {source!r} is not available here to rebuild it; "
-                                "load with the cache's settings or make the source available.") from e
+                note = (f"The source {source!r} is not available here to rebuild it; load with the "
+                        "cache's settings or make the source available.")
+                if isinstance(e, cache_lib.CacheMismatch):
+                    raise cache_lib.CacheMismatch(cache, e.differences, note) from None
+                raise DataError(f"{e}\n{note}") from e
             logging.warning("%s\nRebuilding it from %s.", e, source)
         else:
             logging.info("Loaded %d images of %d classes from cache %s%s", len(dataset),

@@ -268,7 +268,7 @@ def _tfds_builder(name: str, data_dir: str | None):
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise DataError(f"unknown TFDS dataset {name!r}: {e}") from e
+        raise DataError(f"unknown TFDS dataset {name!r}: {str(e).splitlines()[0]}") from e
 
 
 def _tfds_label_keys(builder) -> tuple[str, str]:
