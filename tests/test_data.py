@@ -18,6 +18,7 @@ from fadjax.data import cache as cache_lib
 from fadjax.data import demo
 from fadjax.data import images as images_lib
 from fadjax.data import sources
+from fadjax.data.atomic import atomic_write
 
 KATHER_NAMES = ["tumor", "stroma", "complex", "lympho", "debris", "mucosa", "adipose", "empty"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -218,6 +219,16 @@ def test_cache_round_trip(tmp_path):
     np.testing.assert_array_equal(cached.labels, built.labels)
     assert (cached.class_names, cached.files, cached.source) == (built.class_names, built.files,
                                                                  built.source)
+    # An interrupted write leaves the cache as it was, and no temporary file.
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write(b"partial")
+        raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path / "out") == ["toy.npz"]
+    np.testing.assert_array_equal(cache_lib.read_any(path)[0].images, built.images)
+    # A corrupt cache is rebuilt while the source is there.
+    pathlib.Path(path).write_bytes(b"<html>not a cache</html>")
+    again = data.load(f"folder:{root}", image_size=8, channels=1, cache=path, progress=False)
+    np.testing.assert_array_equal(again.images, built.images)
 
 
 def test_cache_mismatch_rebuilt_or_rejected(tmp_path, caplog):

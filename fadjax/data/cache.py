@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from fadjax.data.atomic import atomic_write
 from fadjax.data.dataset import DataError, Dataset
 
 FORMAT = "fadjax-data-cache"
@@ -55,21 +55,10 @@ def write(path: str, dataset: Dataset, config: dict[str, Any], *, skipped: list[
     meta = dict(format=FORMAT, version=VERSION, settings=config,
                 shape=list(dataset.images.shape), dtype=str(dataset.images.dtype),
                 skipped=list(skipped))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=dataset.images, labels=dataset.labels,
-                     class_names=np.asarray(dataset.class_names, dtype=str),
-                     files=np.asarray(dataset.files, dtype=str), meta=np.asarray(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, images=dataset.images, labels=dataset.labels,
+                 class_names=np.asarray(dataset.class_names, dtype=str),
+                 files=np.asarray(dataset.files, dtype=str), meta=np.asarray(json.dumps(meta)))
 
 
 def read_any(path: str) -> tuple[Dataset, dict[str, Any]]:

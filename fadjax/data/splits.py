@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
 
+from fadjax.data.atomic import atomic_write
 from fadjax.data.dataset import DataError, Dataset
 
 _FORMAT = "fadjax-split"
@@ -62,17 +61,8 @@ def save_split(path: str, dataset: Dataset, train_idx, val_idx, **extra):
     for name, idx in (("train", train_idx), ("val", val_idx)):
         idx = np.asarray(idx, np.int64)
         record[name] = dict(indices=idx.tolist(), files=[dataset.files[i] for i in idx])
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def load_split(path: str, dataset: Dataset | None = None) -> tuple[np.ndarray, np.ndarray]:
