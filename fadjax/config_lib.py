@@ -177,7 +177,7 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     if "tiny" in variants:
         c.data.source = "demo"
         c.data.image_size = 16
-        c.model.block_out_channels = "16,32,32"
+        c.model.block_out_channels = "16,32,64"
         c.model.attention_head_dim = 2
         c.model.cross_attention_dim = 16
         c.model.norm_num_groups = 8

@@ -170,7 +170,7 @@ def apply_gradients_if_finite(state: TrainState, grads, loss, *, ema_decay: floa
     A non-finite step leaves the state as it was; the returned flag lets the host stop the run
     naming that step, with the last good parameters intact.
     """
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = state.apply_gradients(grads=grads, **extra)
     if ema_decay is not None:
