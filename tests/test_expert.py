@@ -56,6 +56,12 @@ def r50(tmp_path_factory):
     return folder, _torch_resnet(folder, **R50_LAYOUT)
 
 
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("r18")
+    return folder, _torch_resnet(folder, **R18_LAYOUT)
+
+
 def _assert_close(actual, expected, rel=1e-3):
     actual = np.asarray(actual)
     assert actual.shape == expected.shape
@@ -99,31 +105,31 @@ def test_image_classification_checkpoint_drops_imagenet_head(tmp_path):
     _assert_close(feats["pooled"], _torch_pooled(model, X)[0])
 
 
-def test_one_channel_stem_and_fresh_head(r50, caplog):
-    folder, _ = r50
-    full_module, full = expert.from_pretrained(folder)
+def test_one_channel_stem_and_fresh_head(r18, caplog):
+    folder, _ = r18
+    full = expert.from_pretrained(folder)[1]
     with caplog.at_level(logging.INFO):
         module, variables = expert.from_pretrained(folder, in_channels=1, num_classes=5, rng=jax.random.PRNGKey(3))
     assert "fresh init" in caplog.text
     params = variables["params"]
     assert params["stem"]["conv"]["kernel"].shape == (7, 7, 1, 8)
-    assert params["head"]["hidden"]["kernel"].shape == (128, 256)
+    assert params["head"]["hidden"]["kernel"].shape == (64, 256)
     assert params["head"]["out"]["kernel"].shape == (256, 5)
     # Everything but the stem conv and the head is the checkpoint's.
     np.testing.assert_array_equal(params["stem"]["bn"]["scale"], full["params"]["stem"]["bn"]["scale"])
     np.testing.assert_array_equal(
-        params["stage_3"]["block_2"]["conv_1"]["conv"]["kernel"],
-        full["params"]["stage_3"]["block_2"]["conv_1"]["conv"]["kernel"],
+        params["stage_3"]["block_1"]["conv_1"]["conv"]["kernel"],
+        full["params"]["stage_3"]["block_1"]["conv_1"]["conv"]["kernel"],
     )
     logits, feats = _apply(module, variables, X[..., :1])
     assert logits.shape == (2, 5) and logits.dtype == jnp.float32
-    assert feats["pooled"].shape == (2, 128)
+    assert feats["pooled"].shape == (2, 64)
     single = expert.from_pretrained(folder, num_classes=5, head_hidden=None)[1]
-    assert single["params"]["head"]["out"]["kernel"].shape == (128, 5)
+    assert single["params"]["head"]["out"]["kernel"].shape == (64, 5)
 
 
-def test_errors(tmp_path, r50):
-    folder, model = r50
+def test_errors(tmp_path, r18):
+    folder, _ = r18
     with pytest.raises(FileNotFoundError, match="does not exist"):
         expert.from_pretrained(tmp_path / "nowhere")
     empty = tmp_path / "empty"
@@ -143,10 +149,10 @@ def test_errors(tmp_path, r50):
         expert.from_pretrained(empty)
 
 
-def test_unused_and_missing_tensors_are_listed(tmp_path, r50):
+def test_unused_and_missing_tensors_are_listed(tmp_path, r18):
     from safetensors.numpy import load_file, save_file
 
-    folder, _ = r50
+    folder, _ = r18
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     tensors = load_file(folder / "model.safetensors")
     tensors["encoder.extra.weight"] = np.zeros(3, np.float32)
@@ -157,9 +163,8 @@ def test_unused_and_missing_tensors_are_listed(tmp_path, r50):
     assert "batch_stats/stage_2/block_0/shortcut/bn/var" in str(err.value)
 
 
-def test_allow_pickle_loads_bin(tmp_path):
-    pytest.importorskip("torch")
-    model = _torch_resnet(tmp_path / "src", **R18_LAYOUT)
+def test_allow_pickle_loads_bin(tmp_path, r18):
+    _, model = r18
     model.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert os.path.exists(tmp_path / "bin" / "pytorch_model.bin")
     module, variables = expert.from_pretrained(tmp_path / "bin", allow_pickle=True)
@@ -167,10 +172,10 @@ def test_allow_pickle_loads_bin(tmp_path):
     _assert_close(feats["pooled"], _torch_pooled(model, X)[0])
 
 
-def test_hub_download_only_for_hub_ids(monkeypatch, r50):
+def test_hub_download_only_for_hub_ids(monkeypatch, r18):
     import huggingface_hub
 
-    folder, _ = r50
+    folder, _ = r18
     calls = []
 
     def fake_download(repo_id, allow_patterns):
@@ -185,12 +190,20 @@ def test_hub_download_only_for_hub_ids(monkeypatch, r50):
     assert expert.resolve_checkpoint_dir("microsoft/resnet-50", allow_patterns=["config.json"]) == str(folder)
     assert calls == [("microsoft/resnet-50", ["config.json"])]
 
+    def failing_download(repo_id, allow_patterns):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing_download)
+    with pytest.raises(FileNotFoundError, match="offline"):
+        expert.from_pretrained("microsoft/resnet-50")
+
 
 def test_batchnorm_train_updates_stats_eval_uses_them():
     module = expert.build_expert("resnet18", num_classes=3, width=4)
     variables = expert.init_expert(module, jax.random.PRNGKey(0), image_size=32, in_channels=1)
     x = jnp.asarray(X[..., :1])
-    (train_logits, _), updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    train_apply = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
+    (train_logits, _), updates = train_apply(variables, x)
     before = variables["batch_stats"]["stem"]["bn"]["mean"]
     after = updates["batch_stats"]["stem"]["bn"]["mean"]
     assert not np.allclose(before, after)

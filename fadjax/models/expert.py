@@ -370,7 +370,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike, *, allow_patterns: Sequence[
       The local folder.
 
     Raises:
-      FileNotFoundError: `path` is neither an existing folder nor a hub id.
+      FileNotFoundError: `path` is neither an existing folder nor a hub id, or the download failed.
     """
     text = os.fspath(path)
     if os.path.isdir(text):
@@ -381,7 +381,12 @@ def resolve_checkpoint_dir(path: str | os.PathLike, *, allow_patterns: Sequence[
         import huggingface_hub  # pylint: disable=import-outside-toplevel
 
         logging.info("%s is not a local folder: downloading it from the Hugging Face hub", text)
-        return huggingface_hub.snapshot_download(repo_id=text, allow_patterns=list(allow_patterns))
+        try:
+            return huggingface_hub.snapshot_download(repo_id=text, allow_patterns=list(allow_patterns))
+        except Exception as e:  # network, auth or missing repo: say what was tried
+            raise FileNotFoundError(
+                f"{text!r} is not a local folder and could not be fetched from the Hugging Face hub: {e}"
+            ) from e
     raise FileNotFoundError(f"checkpoint folder {text} does not exist (and is not a hub id 'org/name')")
 
 
@@ -431,8 +436,11 @@ def read_weights(files: Sequence[str]) -> dict[str, np.ndarray]:
 
             tensors.update(load_file(file))
         else:
-            import torch  # pylint: disable=import-outside-toplevel
-
+            try:
+                import torch  # pylint: disable=import-outside-toplevel
+            except ImportError as e:
+                raise ImportError(f"reading the pickled {file} needs PyTorch; install torch or convert it to "
+                                  "safetensors") from e
             state = torch.load(file, map_location="cpu", weights_only=True)
             tensors.update({k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()})
     return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
@@ -561,20 +569,30 @@ def from_pretrained(
             continue
         _set(variables, target, jnp.asarray(value))
 
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    stem_rng, head_rng = jax.random.split(rng)
+    kernel_path = ("params", "stem", "conv", "kernel")
+    head = ClassifierHead(num_classes, head_hidden, dtype=dtype) if num_classes is not None else None
+
+    @jax.jit
+    def fresh_init(rng: jax.Array) -> dict[str, Any]:
+        stem_rng, head_rng = jax.random.split(rng)
+        fresh = {}
+        if fresh_stem:
+            fresh["stem"] = _CONV_INIT(stem_rng, expected[kernel_path], jnp.float32)
+        if head is not None:
+            fresh["head"] = head.init(head_rng, jnp.zeros((1, feature_dim(module))))["params"]
+        return fresh
+
+    fresh = fresh_init(jax.random.PRNGKey(0) if rng is None else rng) if fresh_stem or head is not None else {}
     if fresh_stem:
         logging.info(
             "Expert stem conv: %d input channels instead of the checkpoint's %d; it starts from a fresh init.",
             in_channels,
             ckpt_channels,
         )
-        kernel_path = ("params", "stem", "conv", "kernel")
-        _set(variables, kernel_path, _CONV_INIT(stem_rng, expected[kernel_path], jnp.float32))
-    if num_classes is not None:
+        _set(variables, kernel_path, fresh["stem"])
+    if head is not None:
         logging.info("Expert head: fresh Linear(%d, %s) -> %d classes.", feature_dim(module), head_hidden, num_classes)
-        head = ClassifierHead(num_classes, head_hidden, dtype=dtype)
-        variables["params"]["head"] = head.init(head_rng, jnp.zeros((1, feature_dim(module))))["params"]
+        variables["params"]["head"] = fresh["head"]
 
     loaded = {tuple(getattr(k, "key", k) for k in kp) for kp, _ in jax.tree_util.tree_leaves_with_path(variables)}
     missing = sorted("/".join(p) for p in expected if p not in loaded)
