@@ -141,8 +141,11 @@ def real_groups(images, labels, class_names, *, classes, seeds, num_per_class) -
             continue
         k = class_names.index(c)
         pool = np.flatnonzero(np.asarray(labels) == k)
-        if pool.size == 0:
+        if pool.size < 2:
+            logging.warning("only %d real image(s) of class %r: no real SSIM for it", pool.size, c)
             continue
+        if pool.size < num_per_class:
+            logging.warning("only %d real images of class %r for groups of %d", pool.size, c, num_per_class)
         for s in seeds:
             pick = np.random.default_rng([int(s), k]).choice(pool, size=min(num_per_class, pool.size), replace=False)
             groups[(int(s), c)] = images[np.sort(pick)]
@@ -224,7 +227,8 @@ def evaluate(generated_dir: str, expert, out: str, *, real: str | None = None, b
         },
         "diffusion_run": {"workdir": manifest.get("workdir"), "metrics_jsonl": manifest.get("metrics_jsonl")},
         "expert": {"workdir": os.path.abspath(str(expert.workdir)), "class_names": list(expert.class_names),
-                   "image_size": int(expert.image_size), "val_accuracy_checkpoint": float(expert.val_accuracy)},
+                   "image_size": int(expert.image_size),
+                   "val_accuracy_checkpoint": None if expert.val_accuracy is None else float(expert.val_accuracy)},
         "accuracy": {"per_seed": {str(s): v for s, v in per_seed.items()}, "mean": mean, "std": std,
                      "std_ddof": 1, "per_class": per_class_acc, "num_images": int(len(images))},
         "confusion_generated": {"rows": classes, "cols": list(expert.class_names), "counts": cm_gen.tolist()},

@@ -47,12 +47,14 @@ def group_ssim(groups: Mapping[tuple[int, str], np.ndarray], class_names: Sequen
 
     Returns:
       ``{"per_class": {class: mean over seeds}, "per_class_seed": {class: {seed: value}},
-      "overall": mean over classes}`` (classes without a group are left out).
+      "overall": mean over classes}``; groups of fewer than 2 images (no pair) and classes
+      without any pair are left out; ``overall`` is NaN when no class has a pair.
     """
     per_class_seed: dict[str, dict[int, float]] = {}
     for (seed, name), images in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        per_class_seed.setdefault(name, {})[int(seed)] = pairwise_ssim(images)
-    per_class = {c: float(np.nanmean(list(per_class_seed[c].values()))) for c in class_names if c in per_class_seed}
+        if len(images) >= 2:
+            per_class_seed.setdefault(name, {})[int(seed)] = pairwise_ssim(images)
+    per_class = {c: float(np.mean(list(per_class_seed[c].values()))) for c in class_names if c in per_class_seed}
     overall = float(np.mean(list(per_class.values()))) if per_class else float("nan")
     return {"per_class": per_class, "per_class_seed": per_class_seed, "overall": overall}
 

@@ -123,11 +123,12 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
     shape = (run.image_size, run.image_size, run.channels)
     logging.info("sampling %d images (%s, %d steps, guidance %.2f) in batches of %d", len(draws), sampler,
                  len(ts), guidance_scale, batch_size)
+    eps_fn = run.eps_fn  # Fetched once: compilations are cached per function object.
     for start in tqdm(range(0, len(draws), batch_size), disable=not progress, desc="batches", unit="batch"):
         chunk = draws[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # Fixed shape: one compilation.
         x = sampling.sample(
-            run.eps_fn, run.params, run.schedule, [run.condition_labels[c] for _, c, _ in padded],
+            eps_fn, run.params, run.schedule, [run.condition_labels[c] for _, c, _ in padded],
             shape=shape, seed=[s for s, _, _ in padded],
             image_ids=[run.class_names.index(c) * IMAGE_ID_STRIDE + i for _, c, i in padded],
             sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale, null_label=run.null_label)
