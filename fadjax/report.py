@@ -105,7 +105,8 @@ def make_report(report_dirs: Sequence[str], out: str, labels: Sequence[str] | No
     for label, d in zip(labels, report_dirs):
         m = runs[label]
         acc = {int(s): v for s, v in m["accuracy"]["per_seed"].items()}
-        entry = {"dir": os.path.abspath(d), "accuracy_mean": m["accuracy"]["mean"], "accuracy_std": m["accuracy"]["std"],
+        entry = {"dir": os.path.abspath(d),
+                 "accuracy_mean": m["accuracy"]["mean"], "accuracy_std": m["accuracy"]["std"],
                  "accuracy_per_seed": acc, "accuracy_per_class": m["accuracy"]["per_class"],
                  "ssim_generated": m["ssim"]["generated"]["overall"], "ssim_real": m["ssim"]["real"]["overall"],
                  "ssim_generated_per_class": m["ssim"]["generated"]["per_class"],
@@ -143,10 +144,11 @@ def make_report(report_dirs: Sequence[str], out: str, labels: Sequence[str] | No
 
     for label in labels:
         cm = runs[label]["confusion_generated"]
-        plots.confusion(np.array(cm["counts"]), cm["rows"], cm["cols"], os.path.join(out, f"confusion_{_safe(label)}.png"),
-                        title=f"Expert on {label} generations")
+        plots.confusion(np.array(cm["counts"]), cm["rows"], cm["cols"],
+                        os.path.join(out, f"confusion_{_safe(label)}.png"), title=f"Expert on {label} generations")
     real_cm = runs[base_label]["expert_validation"]["confusion"]
-    plots.confusion(np.array(real_cm["counts"]), real_cm["rows"], real_cm["cols"], os.path.join(out, "confusion_real.png"),
+    plots.confusion(np.array(real_cm["counts"]), real_cm["rows"], real_cm["cols"],
+                    os.path.join(out, "confusion_real.png"),
                     title="Expert on real validation images")
     grids = {}
     for label, d in zip(labels, report_dirs):

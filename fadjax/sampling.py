@@ -83,7 +83,9 @@ def ddpm_step(schedule: Schedule, x: jax.Array, eps: jax.Array, t: jax.Array, pr
     x0 = predict_x0(schedule, x, jnp.broadcast_to(t, x.shape[:1]), eps)
     if clip_sample:
         x0 = jnp.clip(x0, -1.0, 1.0)
-    mean = (jnp.sqrt(abar_prev) * beta_t / (1.0 - abar)) * x0 + (jnp.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar)) * x
+    x0_coeff = jnp.sqrt(abar_prev) * beta_t / (1.0 - abar)
+    xt_coeff = jnp.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar)
+    mean = x0_coeff * x0 + xt_coeff * x
     variance = jnp.maximum((1.0 - abar_prev) / (1.0 - abar) * beta_t, 1e-20)
     std = jnp.where(_bcast(t, x.ndim) > 0, jnp.sqrt(variance), 0.0)
     return (mean + std * noise).astype(x.dtype)
