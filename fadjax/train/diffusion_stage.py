@@ -248,7 +248,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
         if hooks["init_params"] is not None:
             params = hooks["init_params"](model, params, src)
     state = common.TrainState.create(apply_fn=None, params=params, tx=tx,
-                                     ema_params=params if ema_decay is not None else None)
+                                     ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     logging.info("parameters: %.1fM (%s)", n_params / 1e6,
                  ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.2f}M" for k, v in params.items()))
