@@ -34,8 +34,10 @@ def _resize(x, size: int | None):
 
 
 def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Schedule, expert=None):
-    """``loss_fn(params, consts, x0, labels, noise, t) -> (loss, aux)`` of one (local) batch.
+    """``loss_fn(params, consts, x0, labels, noise, t, weights) -> (loss, aux)`` of one (local) batch.
 
+    ``weights`` ``[B]`` weighs each example's noise MSE (``1/B`` each for a plain mean; DreamBooth
+    weighs its prior images by ``prior_weight``); under pmap each device rescales its share to sum to 1.
     ``consts`` holds what the step reads but never trains: ``expert`` variables and the
     ``text_features`` of CLIP conditioning.
     """
@@ -44,10 +46,11 @@ def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Sc
     w2 = float(a.weight)
     use_align = bool(a.enabled)
 
-    def loss_fn(params, consts, x0, labels, noise, t):
+    def loss_fn(params, consts, x0, labels, noise, t, weights):
         x_t = diffusion_lib.q_sample(schedule, x0, t, noise)  # [B, H, W, C]
         eps, feats = model(params, x_t, t, labels, consts.get("text_features"))
-        noise_loss = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+        per_example = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))  # [B]
+        noise_loss = jnp.sum(weights * per_example)
         loss = w1 * noise_loss
         aux = {"noise_loss": noise_loss}
         if use_align:
@@ -63,7 +66,9 @@ def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Sc
 
 
 def make_draw_fn(config, *, num_examples: int, null_label: int | None):
-    """``draw(step, images, labels) -> (x0, y, noise, t)`` of the GLOBAL batch of a step.
+    """``draw(step, data) -> (x0, y, noise, t, weights)`` of the GLOBAL batch of a step.
+
+    ``data`` is ``{'images': uint8 [N,H,W,C], 'labels': int32 [N]}`` on the device(s).
 
     Every random draw has the global batch shape and depends only on the seed and the step,
     so one device, eight devices, pmap and sharded all see the same batch, and a resumed run
@@ -76,22 +81,22 @@ def make_draw_fn(config, *, num_examples: int, null_label: int | None):
     root = jax.random.key(config.seed)
     data_key, step_root = jax.random.split(root)
 
-    def draw(step, images, labels):
+    def draw(step, data):
         k_noise, k_t, k_aug, k_drop = jax.random.split(jax.random.fold_in(step_root, step), 4)
         idx = pipeline.batch_indices(data_key, step, num_examples=num_examples, batch_size=B)
-        x0 = pipeline.augment(k_aug, pipeline.to_float(images[idx]), hflip=d.hflip, vflip=d.vflip)
-        y = labels[idx]
+        x0 = pipeline.augment(k_aug, pipeline.to_float(data["images"][idx]), hflip=d.hflip, vflip=d.vflip)
+        y = data["labels"][idx]
         if null_label is not None and p_drop > 0:
             y = jnp.where(jax.random.bernoulli(k_drop, p_drop, (B,)), null_label, y)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         t = jax.random.randint(k_t, (B,), 0, max_t)
-        return x0, y, noise, t
+        return x0, y, noise, t, jnp.full((B,), 1.0 / B, jnp.float32)
 
     return draw
 
 
 def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
-    """The compiled step ``(state, images, labels, consts) -> (state, metrics)`` for ``par``."""
+    """The compiled step ``(state, data, consts) -> (state, metrics)`` for ``par``."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def finish(state, loss, aux, grads):
@@ -101,8 +106,8 @@ def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
         return new, metrics
 
     if par.mode == "sharded":
-        def step(state, images, labels, consts):
-            batch = draw(state.step, images, labels)
+        def step(state, data, consts):
+            batch = draw(state.step, data)
             batch = jax.lax.with_sharding_constraint(batch, par.batch_sharded)
             (loss, aux), grads = grad_fn(state.params, consts, *batch)
             return finish(state, loss, aux, grads)
@@ -111,10 +116,11 @@ def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
 
     n = par.num_devices
 
-    def pstep(state, images, labels, consts):
-        batch = draw(state.step, images, labels)
+    def pstep(state, data, consts):
+        batch = draw(state.step, data)
         i = jax.lax.axis_index(common.DATA_AXIS)
         local = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * (a.shape[0] // n), a.shape[0] // n), batch)
+        local = local[:-1] + (local[-1] * n,)  # Each device's weights sum to 1; pmean averages.
         (loss, aux), grads = grad_fn(state.params, consts, *local)
         grads, loss, aux = jax.lax.pmean((grads, loss, aux), common.DATA_AXIS)
         return finish(state, loss, aux, grads)
@@ -145,7 +151,7 @@ def _text_features(config, workdir: pathlib.Path, labels: build.LabelSpace):
 
 
 def _hooks_default():
-    return {"label_space": None, "train_data": None, "init_params": None}
+    return {"label_space": None, "train_data": None, "make_draw": None, "init_params": None}
 
 
 def train(config, workdir, *, hooks: dict | None = None) -> dict:
@@ -155,8 +161,10 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
       config: a diffusion config (see ``configs/baseline.py``, ``configs/feature_aligned.py``).
       workdir: the run's folder (checkpoints, logs, split, resolved config).
       hooks: optional overrides used by DreamBooth: ``label_space(ds) -> LabelSpace``,
-        ``train_data(ds, train_idx, labels, model) -> (images uint8, labels int32)``,
-        ``init_params(model, params) -> params``.
+        ``train_data(ds, train_idx, labels, model) -> dict of host arrays`` (the ``data`` the
+        draw reads; default ``{'images', 'labels'}`` of the training split),
+        ``make_draw(config, data, null_label) -> draw`` (see :func:`make_draw_fn`),
+        ``init_params(model, params, source_run) -> params`` (after ``init_from``).
 
     Returns:
       A summary dict (final step, last logged metrics, wall time).
@@ -220,10 +228,10 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
 
     # Training data on the device(s).
     if hooks["train_data"] is not None:
-        train_images, train_labels = hooks["train_data"](ds, train_idx, labels, model)
+        train_data = hooks["train_data"](ds, train_idx, labels, model)
     else:
-        train_images, train_labels = ds.images[train_idx], ds.labels[train_idx]
-    num_train = len(train_labels)
+        train_data = {"images": ds.images[train_idx], "labels": ds.labels[train_idx].astype(np.int32)}
+    num_train = len(train_data["labels"])
     spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
     total = common.run_length(config.train, spe)
     lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe, total_steps=total)
@@ -283,18 +291,21 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     if expert_run is not None:
         consts["expert"] = expert_run.variables
     state = par.put_replicated(state)
-    dev_images, dev_labels, consts = par.put_replicated((train_images, train_labels.astype(np.int32), consts))
+    dev_data, consts = par.put_replicated((train_data, consts))
 
     loss_fn = make_loss_fn(model, config, schedule, expert)
-    draw = make_draw_fn(config, num_examples=num_train, null_label=labels.null_label)
+    if hooks["make_draw"] is not None:
+        draw = hooks["make_draw"](config, train_data, labels.null_label)
+    else:
+        draw = make_draw_fn(config, num_examples=num_train, null_label=labels.null_label)
     step_fn = make_train_step(loss_fn, draw, par, lr_fn=lr_fn, ema_decay=ema_decay)
 
     summary = {"workdir": str(workdir), "total_steps": total, "start_step": start}
     if start < total:
         t0 = time.perf_counter()
-        step_fn = step_fn.lower(state, dev_images, dev_labels, consts).compile()
+        step_fn = step_fn.lower(state, dev_data, consts).compile()
         logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
-        summary.update(_loop(config, workdir, par, state, step_fn, (dev_images, dev_labels, consts),
+        summary.update(_loop(config, workdir, par, state, step_fn, (dev_data, consts),
                              ckpt, start=start, total=total, spe=spe))
     ckpt.close()
     summary["wall_s"] = time.time() - t_start
