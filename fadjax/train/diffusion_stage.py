@@ -151,7 +151,7 @@ def _text_features(config, workdir: pathlib.Path, labels: build.LabelSpace):
 
 
 def _hooks_default():
-    return {"label_space": None, "train_data": None, "make_draw": None, "init_params": None}
+    return {"label_space": None, "train_data": None, "make_draw": None, "init_params": None, "run_record": None}
 
 
 def train(config, workdir, *, hooks: dict | None = None) -> dict:
@@ -164,7 +164,8 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
         ``train_data(ds, train_idx, labels, model) -> dict of host arrays`` (the ``data`` the
         draw reads; default ``{'images', 'labels'}`` of the training split),
         ``make_draw(config, data, null_label) -> draw`` (see :func:`make_draw_fn`),
-        ``init_params(model, params, source_run) -> params`` (after ``init_from``).
+        ``init_params(model, params, source_run) -> params`` (after ``init_from``),
+        ``run_record(record) -> record`` (what ``run.json`` holds, before it is written).
 
     Returns:
       A summary dict (final step, last logged metrics, wall time).
@@ -284,6 +285,8 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
             record["expert"] = {"workdir": str(pathlib.Path(config.align.expert_workdir).absolute()),
                                 "step": expert_run.step, "sha256": expert_run.checkpoint_sha256,
                                 "val_accuracy": expert_run.val_accuracy}
+        if hooks["run_record"] is not None:
+            record = hooks["run_record"](record)
         common.write_json(workdir / "run.json", record)
 
     # Everything the step reads, on the device(s).
