@@ -63,9 +63,16 @@ def inputs(config, batch=2, size=8, seed=1):
     return x, t, context
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_apply(module):
-    return jax.jit(lambda params, x, t, c: module.apply({"params": params}, x, t, c))
+# XLA's cheap CPU compile settings: half the compile time, and these tests are about values, not speed.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run_compiled(fn, *args):
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def apply_unet(module, params, x, t, context):
+    return run_compiled(lambda p, x, t, c: module.apply({"params": p}, x, t, c), params, x, t, context)
 
 
 def shape_tree(tree):
@@ -89,8 +96,9 @@ def test_parity_with_diffusers_flax(config_dict, monkeypatch):
 
     params = random_params(ref_shapes)
     x, t, context = inputs(config)
-    eps, features = jitted_apply(module)(params, x, t, context)
-    ref = jax.jit(lambda p: reference.apply({"params": p}, x.transpose(0, 3, 1, 2), jnp.asarray(t), context).sample)(params)
+    eps, features = apply_unet(module, params, x, t, context)
+    ref = run_compiled(lambda p: reference.apply({"params": p}, x.transpose(0, 3, 1, 2), jnp.asarray(t), context).sample,
+                       params)
     np.testing.assert_allclose(eps, ref.transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
     assert eps.shape == (2, 8, 8, config.out_channels) and eps.dtype == jnp.float32
     expected = {"down_0": (2, 4, 4, 32), "down_1": (2, 2, 2, 64), "down_1_shortcut": (2, 4, 4, 64),
@@ -140,7 +148,7 @@ def test_parity_with_pytorch_checkpoint(torch_checkpoint):
     for hook in hooks:
         hook.remove()
 
-    eps, features = jitted_apply(module)(params, x, t, context)
+    eps, features = apply_unet(module, params, x, t, context)
     np.testing.assert_allclose(eps, ref.permute(0, 2, 3, 1).numpy(), atol=1e-3, rtol=0)
     assert set(features) == set(captured) == {"down_0", "down_1", "down_1_shortcut", "down_2", "down_2_shortcut",
                                               "mid"}
@@ -240,8 +248,9 @@ def test_init_params_dtypes_and_image_size_check():
                         down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
                         mid_block_type=None, layers_per_block=1, attention_head_dim=1, cross_attention_dim=4,
                         norm_num_groups=4)
-    params = init_params(UNet(config), jax.random.key(0), image_size=8)
+    params = jax.eval_shape(functools.partial(init_params, UNet(config), image_size=8), jax.random.key(0))
     assert shape_tree(params) == shape_tree(param_shapes(UNet(config)))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     x, t, context = inputs(config, batch=1)
     bf16 = UNet(config, dtype=jnp.bfloat16)
     eps, features = jax.eval_shape(lambda p: bf16.apply({"params": p}, x, t[0], context), params)

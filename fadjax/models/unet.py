@@ -244,9 +244,11 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x, context):
         def norm(name):
             return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-        attn = dict(heads=self.heads, implementation=self.implementation, dtype=self.dtype)
-        x = x + Attention(**attn, name="attn1")(norm("norm1")(x))
-        x = x + Attention(**attn, name="attn2")(norm("norm2")(x), context)
+        # cuDNN's fused attention only pays (and, in its backward pass, only works) for long key sequences:
+        # with 'cudnn' the cross-attention over the few context tokens uses XLA.
+        cross = "xla" if self.implementation == "cudnn" else self.implementation
+        x = x + Attention(self.heads, self.implementation, self.dtype, name="attn1")(norm("norm1")(x))
+        x = x + Attention(self.heads, cross, self.dtype, name="attn2")(norm("norm2")(x), context)
         return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
 
 
@@ -371,7 +373,9 @@ class UNet(nn.Module):
     Attributes:
       config: the architecture.
       dtype: compute dtype (params stay float32).
-      attention: 'auto' (JAX picks), 'cudnn' (cuDNN flash attention; GPU, fp16/bf16) or 'xla'.
+      attention: 'auto' (JAX picks), 'cudnn' (cuDNN flash attention for self-attention; GPU, fp16/bf16
+        only; cross-attention then uses XLA, since cuDNN rejects the gradient of a 1-token key sequence)
+        or 'xla'.
     """
     config: UNetConfig
     dtype: Any = jnp.float32
@@ -487,12 +491,12 @@ class _ShapeOnlyModel:
     GroupNorm groups).
     """
 
-    def __init__(self, config: UNetConfig):
-        self._config = config
+    def __init__(self, shapes: dict):
+        self._shapes = shapes
 
     def init_weights(self, rng):
         del rng
-        return param_shapes(UNet(self._config))
+        return self._shapes
 
 
 def _download(repo_id: str, allow_pickle: bool) -> pathlib.Path:
@@ -541,11 +545,11 @@ def _load_state_dict(folder: pathlib.Path, allow_pickle: bool) -> dict[str, np.n
     return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
-def _convert(state: dict[str, np.ndarray], config: UNetConfig) -> dict:
-    """Renames/transposes a PyTorch state dict into the Flax tree with diffusers' own converter."""
+def _convert(state: dict[str, np.ndarray], shapes: dict) -> dict:
+    """Renames/transposes a PyTorch state dict into the Flax tree (`shapes`) with diffusers' own converter."""
     from diffusers.models.modeling_flax_pytorch_utils import \
         convert_pytorch_state_dict_to_flax  # pylint: disable=import-outside-toplevel
-    return convert_pytorch_state_dict_to_flax({k: _NumpyTensor(v) for k, v in state.items()}, _ShapeOnlyModel(config))
+    return convert_pytorch_state_dict_to_flax({k: _NumpyTensor(v) for k, v in state.items()}, _ShapeOnlyModel(shapes))
 
 
 def _check_tree(params: dict, expected: dict, source) -> None:
@@ -584,12 +588,15 @@ def from_pretrained(path, *, in_channels: int | None = None, out_channels: int |
         path = _download(path, allow_pickle)
     folder = _resolve_folder(path)
     ckpt_config = UNetConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    params = _convert(_load_state_dict(folder, allow_pickle), ckpt_config)
+    expected = param_shapes(UNet(ckpt_config))
+    params = _convert(_load_state_dict(folder, allow_pickle), expected)
+    _check_tree(params, expected, folder)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    _check_tree(params, param_shapes(UNet(ckpt_config)), folder)
 
-    config = dataclasses.replace(ckpt_config, in_channels=in_channels or ckpt_config.in_channels,
-                                 out_channels=out_channels or ckpt_config.out_channels)
+    config = dataclasses.replace(
+        ckpt_config,
+        in_channels=ckpt_config.in_channels if in_channels is None else in_channels,
+        out_channels=ckpt_config.out_channels if out_channels is None else out_channels)
     module = UNet(config, dtype=dtype, attention=attention)
     replaced = [name for name, old, new in (("conv_in", ckpt_config.in_channels, config.in_channels),
                                             ("conv_out", ckpt_config.out_channels, config.out_channels)) if old != new]
