@@ -52,6 +52,14 @@ def log_topology() -> None:
                  ", ".join(sorted({d.device_kind for d in jax.devices()})))
 
 
+def agreed_step(step: int) -> int:
+    """Process 0's value of ``step`` on every process (all resume from the same checkpoint)."""
+    if jax.process_count() == 1:
+        return int(step)
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+
+
 # ----------------------------------------------------------------------------- devices
 
 @dataclasses.dataclass
@@ -224,7 +232,8 @@ class Checkpointer:
 
 def abstract_like(tree, sharding):
     """ShapeDtypeStructs of ``tree`` with the given sharding (a restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+                                                       sharding=sharding), tree)
 
 
 # ----------------------------------------------------------------------------- logs

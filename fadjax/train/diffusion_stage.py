@@ -128,9 +128,11 @@ def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
     return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
 
 
-def _checkpoint_tree(state: common.TrainState, rng_seed: int) -> dict:
+def _checkpoint_tree(state: common.TrainState) -> dict:
+    """What a checkpoint holds. The step's randomness is ``fold_in(key(config.seed), step)``, so
+    the seed (in ``meta``) and the step restore the RNG exactly."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-            "ema_params": state.ema_params, "seed": jnp.asarray(rng_seed, jnp.int32)}
+            "ema_params": state.ema_params}
 
 
 def _text_features(config, workdir: pathlib.Path, labels: build.LabelSpace):
@@ -263,9 +265,9 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
                  ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.2f}M" for k, v in params.items()))
 
     ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
+    start = common.agreed_step(ckpt.latest_step() or 0)
     if start:
-        abstract = common.abstract_like(_checkpoint_tree(state, config.seed),
+        abstract = common.abstract_like(_checkpoint_tree(state),
                                         par.replicated if par.mode == "sharded" else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         tree, meta = ckpt.restore(start, abstract)
         state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
@@ -349,7 +351,7 @@ def _loop(config, workdir, par, state, step_fn, step_args, ckpt, *, start, total
                 buf = []
             if save_now:
                 host_state = par.unreplicate(state)
-                ckpt.save(step, _checkpoint_tree(host_state, config.seed), {"step": step, **last})
+                ckpt.save(step, _checkpoint_tree(host_state), {"step": step, "seed": config.seed, **last})
     finally:
         progress.close()
         writer.close()

@@ -153,7 +153,7 @@ def train(config, workdir) -> dict:
 
     ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     best = common.Checkpointer(workdir / "best", keep=1, best_mode="max")
-    start = ckpt.latest_step() or 0
+    start = common.agreed_step(ckpt.latest_step() or 0)
     best_acc = -1.0
     if start:
         tree, _ = ckpt.restore(start, common.abstract_like(_tree(state), jax.sharding.SingleDeviceSharding(jax.devices()[0])))

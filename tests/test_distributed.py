@@ -1,0 +1,102 @@
+"""Multi-process data parallelism: 2 processes x 2 CPU devices against 1 process x 4 devices,
+then a kill and a resume of the 2-process run (the same command on every process)."""
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fadjax import runs
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 24
+MICRO = [
+    "--config=configs/baseline.py:tiny", "--config.data.source=demo:12", "--config.data.image_size=8",
+    "--config.model.block_out_channels=8,16", "--config.model.attention_head_dim=1",
+    "--config.model.cross_attention_dim=8", "--config.model.norm_num_groups=4",
+    f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=2", "--config.train.log_every=2",
+    "--config.train.batch_size=8", "--config.train.progress=false",
+]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONUNBUFFERED="1")
+    env.pop("FADJAX_COORDINATOR", None)
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, nproc: int, devices: int, logs: pathlib.Path):
+    port = _port()
+    procs = []
+    for i in range(nproc):
+        cmd = [sys.executable, "train.py", *MICRO, f"--workdir={workdir}"]
+        if nproc > 1:
+            cmd += [f"--coordinator=127.0.0.1:{port}", f"--num_processes={nproc}", f"--process_id={i}"]
+        log = open(logs / f"{pathlib.Path(workdir).name}_{i}_{time.time_ns()}.log", "w")
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))
+    return procs
+
+
+def _wait(procs, timeout=600):
+    for p, log in procs:
+        rc = p.wait(timeout=timeout)
+        log.close()
+        if rc != 0:
+            raise AssertionError(f"process failed ({rc}):\n" + pathlib.Path(log.name).read_text()[-4000:])
+
+
+def _steps(workdir):
+    d = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_two_processes_match_one_process_and_resume_after_kill(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # Reference: one process with 4 devices; and the 2x2 run, started at the same time.
+    ref = _launch(tmp_path / "one", 1, 4, logs)
+    two = _launch(tmp_path / "two", 2, 2, logs)
+    # Kill the 2-process run (both processes, SIGKILL) once it has saved a checkpoint, mid-run.
+    deadline = time.time() + 600
+    while not _steps(tmp_path / "two") and time.time() < deadline:
+        if any(p.poll() is not None for p, _ in two):
+            break
+        time.sleep(0.2)
+    saved = _steps(tmp_path / "two")
+    assert saved, "the 2-process run saved no checkpoint"
+    killed_mid_run = all(p.poll() is None for p, _ in two)
+    for p, log in two:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        log.close()
+    _wait(ref)
+    # The same command again on both processes resumes.
+    resumed = _launch(tmp_path / "two", 2, 2, logs)
+    _wait(resumed)
+    assert _steps(tmp_path / "two")[-1] == STEPS
+    text = "".join(p.read_text() for p in logs.glob("two_*.log"))
+    if killed_mid_run:
+        assert "resumed from" in text
+    assert "process 1 of 2" in text and "process 0 of 2" in text
+
+    one = runs.load_diffusion_run(tmp_path / "one", use_ema=False).params
+    two_p = runs.load_diffusion_run(tmp_path / "two", use_ema=False).params
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, two_p)
+    # Only process 0 wrote the metrics: one line per logged step, no duplicates.
+    steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
