@@ -255,7 +255,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     params = jax.jit(fresh_params)() if unet_params is None else fresh_params()
     if config.init_from:
         src = runs.load_diffusion_run(config.init_from, use_ema=False)
-        params = runs.merge_params(params, src.params, source=config.init_from)
+        params = runs.merge_params(params, src.params, source_name=config.init_from)
         if hooks["init_params"] is not None:
             params = hooks["init_params"](model, params, src)
     state = common.TrainState.create(apply_fn=None, params=params, tx=tx,
