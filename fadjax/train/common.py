@@ -218,7 +218,13 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state=None):
         """Returns ``(state_tree, meta)``; with no ``abstract_state`` the arrays come back as saved."""
-        state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else ocp.args.StandardRestore()
+        if abstract_state is None:  # As saved, onto this process's first device (any topology).
+            meta = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state").item_metadata
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_state = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
+                is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        state_args = ocp.args.StandardRestore(abstract_state)
         out = self.manager.restore(int(step), args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
@@ -232,7 +238,7 @@ class Checkpointer:
 
 def abstract_like(tree, sharding):
     """ShapeDtypeStructs of ``tree`` with the given sharding (a restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype,
                                                        sharding=sharding), tree)
 
 
