@@ -31,6 +31,20 @@ UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = (None, "UNetMidBlock2DCrossAttn")
 ATTENTION_IMPLEMENTATIONS = {"auto": None, "cudnn": "cudnn", "xla": "xla"}
 
+
+def resolve_attention(attention: str, dtype) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation an `attention` setting means here.
+
+    'auto' takes cuDNN's fused flash attention where it exists (a GPU backend, fp16/bf16
+    compute), measured at 5x XLA's speed for tiny-sd's 4096-token self-attention on an H200;
+    elsewhere it lets JAX pick (XLA).
+    """
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={attention!r}: use one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
+    if attention == "auto" and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return ATTENTION_IMPLEMENTATIONS[attention]
+
 # diffusers config.json keys that never change the math, whatever their value. `upcast_attention` only
 # matters in half precision, and `jax.nn.dot_product_attention` always takes its softmax in float32.
 _IGNORED_KEYS = frozenset({
@@ -373,7 +387,7 @@ class UNet(nn.Module):
     Attributes:
       config: the architecture.
       dtype: compute dtype (params stay float32).
-      attention: 'auto' (JAX picks), 'cudnn' (cuDNN flash attention for self-attention; GPU, fp16/bf16
+      attention: 'auto' ('cudnn' on a GPU in fp16/bf16, else XLA), 'cudnn' (cuDNN flash attention for self-attention; GPU, fp16/bf16
         only; cross-attention then uses XLA, since cuDNN rejects the gradient of a 1-token key sequence)
         or 'xla'.
     """
@@ -388,7 +402,7 @@ class UNet(nn.Module):
         channels, heads, n = cfg.block_out_channels, cfg.num_heads, len(cfg.block_out_channels)
         shared = dict(groups=cfg.norm_num_groups, depth=cfg.transformer_layers_per_block,
                       use_linear_projection=cfg.use_linear_projection, dropout=cfg.dropout,
-                      implementation=ATTENTION_IMPLEMENTATIONS[self.attention], dtype=self.dtype)
+                      implementation=resolve_attention(self.attention, self.dtype), dtype=self.dtype)
         self.conv_in = _conv(channels[0], 3, self.dtype, "conv_in")
         self.time_embedding = TimestepEmbedding(4 * channels[0], self.dtype)
         self.down_blocks = [
