@@ -20,6 +20,7 @@ import json
 import os
 from typing import Sequence
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -97,7 +98,7 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
         "num_per_class": int(num_per_class), "image_size": int(run.image_size), "channels": int(run.channels),
     }
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, MANIFEST)):
+    if jax.process_index() == 0 and os.path.exists(os.path.join(out, MANIFEST)):
         os.remove(os.path.join(out, MANIFEST))
 
     def rel(seed, name, i):
@@ -124,7 +125,11 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
     logging.info("sampling %d images (%s, %d steps, guidance %.2f) in batches of %d", len(draws), sampler,
                  len(ts), guidance_scale, batch_size)
     eps_fn = run.eps_fn  # Fetched once: compilations are cached per function object.
-    for start in tqdm(range(0, len(draws), batch_size), disable=not progress, desc="batches", unit="batch"):
+    # Several processes (jax.distributed) share the batches round-robin; every image depends only
+    # on its (seed, class, index), so the split never changes a picture.
+    pid, nproc = jax.process_index(), jax.process_count()
+    starts = list(range(0, len(draws), batch_size))[pid::nproc]
+    for start in tqdm(starts, disable=not progress or pid != 0, desc="batches", unit="batch"):
         chunk = draws[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # Fixed shape: one compilation.
         x = sampling.sample(
@@ -136,8 +141,19 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
         for (s, c, i), img in zip(chunk, images):
             _write_png(os.path.join(out, rel(s, c, i)), img)
             remaining[s] -= 1
-            if remaining[s] == 0:
+            if remaining[s] == 0 and nproc == 1:
                 _write_json(os.path.join(out, f"seed_{s}", DONE), settings)
+    if nproc > 1:  # Gather: wait for every process's images, then process 0 marks and lists them.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("fadjax.sample: images written")
+        if pid != 0:
+            return {}
+        for s in todo_seeds:
+            missing = [rel(s, c, i) for c in classes for i in range(num_per_class)
+                       if not os.path.exists(os.path.join(out, rel(s, c, i)))]
+            if missing:
+                raise RuntimeError(f"seed {s}: {len(missing)} images were not written, e.g. {missing[:3]}")
+            _write_json(os.path.join(out, f"seed_{s}", DONE), settings)
 
     manifest = dict(settings)
     manifest.update({
@@ -170,12 +186,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--batch_size", type=int, default=None, help="images per compiled call")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process sampling)")
+    p.add_argument("--num_processes", type=int, default=None, help="number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="this process's index")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.set_verbosity(logging.INFO)
+    from fadjax import distributed
+    distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                           process_id=args.process_id)
     from fadjax.runs import load_diffusion_run
     run = load_diffusion_run(args.workdir, step=args.step, use_ema=not args.no_ema)
     cfg = run.config.sample
