@@ -50,27 +50,12 @@ PRIOR_FILE = "prior_images.npz"
 PRIOR_FORMAT = 1  # Version of the prior cache's settings record.
 
 # Fields taken from the starting run (they fix the architecture and what the parameters mean).
-INHERITED = ("data.image_size", "data.channels", "model", "cond.mode", "cond.prompt",
-             "diffusion.num_train_timesteps", "diffusion.beta_schedule")
+INHERITED = ("data.image_size", "data.channels", "model.preset", "model.block_out_channels",
+             "model.attention_head_dim", "model.cross_attention_dim", "model.norm_num_groups",
+             "model.pretrained", "cond.mode", "cond.prompt", "diffusion.num_train_timesteps",
+             "diffusion.beta_schedule")
 # Fields whose None means "the starting run's".
 INHERITED_IF_UNSET = ("data.source", "cond.clip_path")
-
-
-def _get(config, path: str):
-    section, key = path.split(".") if "." in path else (path, None)
-    return config[section] if key is None else config[section].get(key)
-
-
-def _set(config, path: str, value) -> None:
-    section, key = path.split(".") if "." in path else (path, None)
-    if key is None:
-        config[section] = ml_collections.ConfigDict(value.to_dict() if hasattr(value, "to_dict") else value)
-    else:
-        config[section][key] = value
-
-
-def _plain(v):
-    return v.to_dict() if hasattr(v, "to_dict") else v
 
 
 # ----------------------------------------------------------------------------- config
@@ -121,12 +106,13 @@ def resolve_config(config, *, source_config=None) -> tuple[ml_collections.Config
     changed = {}
     if source_config is not None:
         for path in INHERITED + INHERITED_IF_UNSET:
-            new = _plain(_get(source_config, path))
-            if path in INHERITED_IF_UNSET and _get(out, path) is not None:
+            section, key = path.split(".")
+            new = source_config[section].get(key)
+            if path in INHERITED_IF_UNSET and out[section][key] is not None:
                 continue
-            if _plain(_get(out, path)) != new:
+            if out[section][key] != new:
                 changed[path] = new
-            _set(out, path, new)
+            out[section][key] = new
         if changed:
             logging.info("taken from the starting run %s: %s", config.init_from, changed)
         out.data.classes = source_config.data.get("classes")
@@ -399,6 +385,12 @@ def train(config, workdir) -> dict:
             f"config.data.classes: {class_name!r} is not a class of the starting run "
             f"({config.init_from or config.model.pretrained}): {list(class_names)}")
     k = class_names.index(class_name)
+    train_idx, _ = inputs.load_split(config, workdir, ds)
+    instance_idx = train_idx[ds.labels[train_idx] == k]  # The trainer makes the same (seeded) split.
+    if len(instance_idx) < config.train.batch_size:
+        raise config_lib.ConfigError(
+            f"config.train.batch_size: {config.train.batch_size} exceeds the {len(instance_idx)} training images "
+            f"of {class_name!r}")
     config.sample.exclude_classes = ",".join(c for c in class_names if c != class_name)
     labels = label_space(class_names, config=config, class_name=class_name, source=source_labels)
     ident = identifier_text(config, class_name)
@@ -410,20 +402,9 @@ def train(config, workdir) -> dict:
     if b_prior:
         settings = prior_settings(config, class_label=k)
         prior, generated = prior_images(config, workdir, labels, settings)
-    num_instance = []
 
-    def label_space_hook(ds_):
-        if list(ds_.class_names) != list(class_names):
-            raise config_lib.ConfigError(f"config.data.source: classes changed to {list(ds_.class_names)}")
-        return labels
-
-    def train_data_hook(ds_, train_idx, labels_, model):
-        idx = np.asarray(train_idx)[ds_.labels[train_idx] == k]
-        if len(idx) < config.train.batch_size:
-            raise config_lib.ConfigError(
-                f"config.train.batch_size: {config.train.batch_size} exceeds the {len(idx)} training images "
-                f"of {class_name!r}")
-        num_instance.append(len(idx))
+    def train_data_hook(ds_, train_idx_, labels_, model):
+        idx = train_idx_[ds_.labels[train_idx_] == k]
         data = {"images": ds_.images[idx], "labels": np.full(len(idx), ident_label, np.int32)}
         if b_prior:
             data.update(prior_images=prior, prior_labels=np.full(len(prior), k, np.int32))
@@ -437,7 +418,7 @@ def train(config, workdir) -> dict:
         record["dreambooth"] = {
             "class_name": class_name, "class_label": k, "identifier": db.identifier,
             "identifier_text": ident, "identifier_label": ident_label,
-            "num_instance_images": num_instance[0], "instance_batch_size": int(config.train.batch_size),
+            "num_instance_images": int(len(instance_idx)), "instance_batch_size": int(config.train.batch_size),
             "prior_batch_size": b_prior, "prior_weight": float(db.prior_weight),
             "prior_images": {"file": PRIOR_FILE, **settings} if b_prior else None,
             "start": ({"init_from": str(pathlib.Path(config.init_from).absolute())} if config.init_from
@@ -447,7 +428,7 @@ def train(config, workdir) -> dict:
         return record
 
     summary = diffusion_stage.train(config, workdir, hooks={
-        "label_space": label_space_hook, "train_data": train_data_hook, "make_draw": make_draw,
+        "label_space": lambda ds_: labels, "train_data": train_data_hook, "make_draw": make_draw,
         "init_params": init_params_hook, "run_record": run_record_hook})
     summary["prior_images"] = {"path": str(workdir / PRIOR_FILE) if b_prior else None,
                                "num_images": 0 if prior is None else int(len(prior)), "generated": generated}
