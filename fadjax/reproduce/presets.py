@@ -1,0 +1,349 @@
+"""The presets of ``python -m fadjax.reproduce``: every value they change, in one place.
+
+A preset is a set of ml_collections overrides (dotted field paths) applied to the configs of
+:mod:`fadjax.config_lib`: ``expert`` to the expert classifier, ``judge2`` on top of the expert's
+(the second judge: another architecture and seed, the same data and split), ``diffusion`` to all
+three diffusion models (baseline, aligned on x_t, aligned on x0 with the ``clean`` variant). The
+``sample.*`` fields of the diffusion config are the sampling settings every model shares.
+
+``PAPER`` lists the paper's settings as config values; :func:`deviations` compares a preset's
+resolved configs with it, so the report's list of deviations is generated, never hand-written.
+
+Time budget of ``fast`` (one H200, jax 0.11, compile times included; target 6-7 minutes, the
+lead runs it once, so every number is on the safe side). Kather 2016: 4600 tiles, 3680 train /
+920 validation.
+
+* Experts at 64 px in bf16: ResNet50 forward at 64 px is ~0.34 GFLOP/image, so 8 epochs
+  (232 steps of 128) are ~20 TFLOP, about a second of H200 compute; each expert costs its
+  compile (~30-60 s for ResNet50 forward+backward, less for ResNet18) plus a few seconds of
+  steps, validation and best-checkpoint saves: ~1.5 min for both.
+* U-Net 64-128-256 (tiny-sd's layout, 1/5 of its width, 4 heads, 256-d context) in bf16 with
+  cuDNN flash attention (the 4096-token self-attention of the first block would materialise
+  ~17 GB per layer at batch 128 in XLA): ~30 GFLOP forward, ~90 GFLOP forward+backward per
+  image, ~12 TFLOP per step of 128, i.e. ~50-100 ms at a realistic 120-240 TFLOP/s for such
+  narrow convolutions. 500 steps per model (64k images, ~17 epochs) = 25-50 s, plus one
+  compile (~30-60 s) per model: ~3.5 min for the three.
+* Sampling: 7 classes x 10 images x 15 seeds = 1050 images per model, DDIM 50 steps, batches of
+  350: ~52k U-Net image-evaluations at ~30 GFLOP = 1.6 PFLOP, ~10 s, plus one compile of the
+  sampling loop per model (the two aligned models share it through the persistent cache):
+  ~1 min for the three.
+* Evaluation (6 x: classify 1050 images, SSIM of 2 x 105 groups of 10) and the report: < 1 min.
+
+Total ~6.5 min. Lower ``diffusion: train.num_steps`` first if a run must be shorter.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from fadjax import config_lib
+
+# The three compared diffusion models: (name, feature alignment on, config variant).
+MODELS = (
+    ("baseline", False, None),   # Paper §III: the plain U-Net.
+    ("fad_xt", True, None),      # Paper §IV: expert features of the noisy x_t (the method).
+    ("fad_x0", True, "clean"),   # Table I ablation: expert features of the clean x0.
+)
+JUDGES = ("expert", "judge2")  # "expert" is the judge of the paper (it is also the alignment target).
+GROUPS = ("expert", "judge2", "diffusion") + tuple(m[0] for m in MODELS)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's settings: the configs' defaults, nothing changed (20 epochs at batch 4, DDPM 1000
+    # sampling steps, ResNet50 at 224 px for 15 epochs, 10 images x 7 classes x 15 seeds).
+    "paper": {
+        "variant": None,
+        "data": None,  # None = the configs' default source (tfds:colorectal_histology).
+        "expert": {},
+        "judge2": {
+            "expert.arch": "resnet34",  # Another architecture than the ResNet50 expert ...
+            "seed": 1,                  # ... another seed; same data, split and schedule.
+        },
+        "diffusion": {},
+    },
+    # One H200 end to end in ~6.5 minutes (budget in the module docstring).
+    "fast": {
+        "variant": None,
+        "data": None,
+        "expert": {
+            "dtype": "bfloat16",          # Mixed precision (params and Adam in float32).
+            "data.image_size": 64,        # The expert sees 64 px tiles (paper 224: 12x the FLOPs).
+            "train.batch_size": 128,      # Paper 64.
+            "train.num_epochs": 8,        # Paper 15 (232 steps of 128).
+            "optim.lr": 1e-3,             # From scratch (no ImageNet weights offline): 10x the paper's 1e-4.
+            "train.eval_every_epoch": 2,  # Validate (keep the best) every 2 epochs: 4 passes.
+            "train.log_every": 29,        # About one log line per epoch.
+            "train.eval_batch_size": 230,  # 920 validation images = 4 batches.
+        },
+        "judge2": {
+            "expert.arch": "resnet18",  # Another architecture ...
+            "seed": 1,                  # ... and seed; same data, split and schedule.
+        },
+        "diffusion": {
+            "dtype": "bfloat16",                  # Mixed precision (params and Adam in float32).
+            "model.block_out_channels": "64,128,256",  # tiny-sd's layout at 1/5 of its width (320,640,1280).
+            "model.attention_head_dim": 4,        # Heads per block (tiny-sd: 8).
+            "model.cross_attention_dim": 256,     # Context width (tiny-sd: 768).
+            "model.attention": "cudnn",           # cuDNN flash attention (GPU; XLA would need ~17 GB/layer).
+            "train.batch_size": 128,              # Paper 4.
+            "train.num_epochs": None,             # Run length in steps instead ...
+            "train.num_steps": 500,               # ... 500 x 128 = 64k images (~17 epochs; paper 20 x 3680).
+            "optim.lr": 5e-4,                     # Paper 1e-4 at batch 4; ~sqrt-scaled to batch 128.
+            "optim.schedule": "cosine",           # Per-step cosine (paper: cosine stepped per epoch).
+            "optim.warmup_steps": 25,             # Linear warm-up for the large batch.
+            "train.log_every": 50,                # 10 log lines per model.
+            "train.checkpoint_every": 500,        # One checkpoint, at the end.
+            "sample.sampler": "ddim",             # Paper: DDPM, all 1000 steps.
+            "sample.steps": 50,                   # DDIM steps.
+            "sample.batch_size": 350,             # 1050 images per model in 3 compiled calls.
+        },
+    },
+    # The built-in demo source, micro models: a laptop CPU in a few minutes (tests use it too).
+    "tiny": {
+        "variant": "tiny",  # config_lib's tiny variant first, then these.
+        "data": "demo:24",  # 5 procedural texture classes x 24 images.
+        "expert": {
+            "num_devices": 1,            # One device (a CPU); tests emulate 8.
+            "data.image_size": 16,       # Tiny variant: 32.
+            "expert.width": 4,           # ResNet18 stem width (tiny variant: 8).
+            "expert.head_hidden": 8,
+            "train.num_epochs": 2,
+            "train.log_every": 6,
+            "train.eval_batch_size": 24,  # The whole validation split in one batch.
+        },
+        "judge2": {
+            "expert.arch": "resnet34",  # Another architecture ...
+            "seed": 1,                  # ... and seed.
+        },
+        "diffusion": {
+            "num_devices": 1,
+            "data.image_size": 8,                 # 8x8 images.
+            "model.block_out_channels": "8,16",   # Two levels (each level costs seconds of CPU compile) ...
+            "align.unet_feature": "down_1_shortcut",  # ... so the hook is the last level's shortcut.
+            "model.attention_head_dim": 1,
+            "model.cross_attention_dim": 8,
+            "model.norm_num_groups": 4,
+            "train.num_steps": 4,
+            "train.log_every": 2,
+            "train.checkpoint_every": 4,
+            "sample.steps": 4,                    # DDIM steps.
+            "sample.num_per_class": 3,
+            "sample.seeds": "0-4",
+            "sample.batch_size": 32,
+        },
+    },
+}
+
+# The paper's settings as config values: (config group, field, paper value, what the paper did).
+# ``SET`` = any value (weights the paper starts from and that a run must be given explicitly).
+SET = object()
+PAPER: tuple[tuple[str, str, Any, str], ...] = (
+    ("expert", "data.image_size", 224, "224 px"),
+    ("expert", "expert.arch", "resnet50", "ResNet50"),
+    ("expert", "expert.width", 64, "standard width"),
+    ("expert", "expert.pretrained", SET, "ImageNet-1k initialisation"),
+    ("expert", "train.batch_size", 64, "batch 64"),
+    ("expert", "train.num_epochs", 15, "15 epochs"),
+    ("expert", "optim.lr", 1e-4, "Adam 1e-4"),
+    ("expert", "optim.schedule", "step_epoch", "StepLR per epoch"),
+    ("expert", "optim.step_gamma", 0.7, "gamma 0.7"),
+    ("expert", "dtype", "float32", "float32"),
+    ("diffusion", "data.image_size", 64, "64 px"),
+    ("diffusion", "model.block_out_channels", None, "tiny-sd widths 320,640,1280"),
+    ("diffusion", "model.attention_head_dim", None, "8 heads"),
+    ("diffusion", "model.cross_attention_dim", None, "768-d context"),
+    ("diffusion", "model.norm_num_groups", None, "32 groups"),
+    ("diffusion", "model.pretrained", SET, "segmind/tiny-sd weights (conv_in/conv_out fresh)"),
+    ("diffusion", "cond.mode", "clip", "CLIP text features of the class name"),
+    ("diffusion", "train.batch_size", 4, "batch 4"),
+    ("diffusion", "train.num_epochs", 20, "20 epochs"),
+    ("diffusion", "optim.lr", 1e-4, "Adam 1e-4"),
+    ("diffusion", "optim.schedule", "cosine_epoch", "cosine annealing per epoch"),
+    ("diffusion", "optim.warmup_steps", 0, "no warm-up"),
+    ("diffusion", "train.ema_decay", None, "no EMA"),
+    ("diffusion", "dtype", "float32", "float32"),
+    ("diffusion", "diffusion.num_train_timesteps", 1000, "1000 DDPM steps"),
+    ("diffusion", "diffusion.beta_schedule", "squaredcos_cap_v2", "cosine betas"),
+    ("diffusion", "diffusion.loss_weight", 1.0, "w1 = 1"),
+    ("diffusion", "align.weight", 1.0, "w2 = 1"),
+    ("diffusion", "align.unet_feature", "down_2_shortcut", "the reference code's hook"),
+    ("diffusion", "align.expert_resize", None, "expert sees the 64 px x_t as is"),
+    ("diffusion", "sample.sampler", "ddpm", "DDPM"),
+    ("diffusion", "sample.steps", None, "all 1000 steps"),
+    ("diffusion", "sample.num_per_class", 10, "10 images per class"),
+    ("diffusion", "sample.exclude_classes", "empty", "'empty' not generated"),
+    ("diffusion", "sample.guidance_scale", 1.0, "no guidance"),
+)
+PAPER_NUM_SEEDS = 15
+PAPER_DATA = "Kather 2016 colorectal histology (folder:… or tfds:colorectal_histology)"
+
+
+class PresetError(ValueError):
+    """A preset name or override that cannot be applied."""
+
+
+class Text(str):
+    """A value typed on the command line: a Python literal when the field takes one, else the text."""
+
+
+def parse_overrides(items) -> dict[str, dict[str, Any]]:
+    """``["diffusion.train.num_steps=100", ...]`` -> ``{"diffusion": {"train.num_steps": Text("100")}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        group, _, field = key.strip().partition(".")
+        if not sep or not field:
+            raise PresetError(f"--set {item!r}: expected GROUP.FIELD=VALUE, e.g. diffusion.train.num_steps=100")
+        if group not in GROUPS:
+            raise PresetError(f"--set {item!r}: unknown group {group!r}; one of {GROUPS}")
+        out.setdefault(group, {})[field] = Text(value)
+    return out
+
+
+def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
+    """Sets ``config.<path>`` (must exist) to ``value``; a type mismatch names the field."""
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+        if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+            raise PresetError(f"{path}: {p!r} is not a section of the {config.stage} config")
+        node = node[p]
+    if leaf not in node:
+        raise PresetError(f"{path}: no field {leaf!r} in the {config.stage} config")
+    candidates = [value]
+    if isinstance(value, Text):  # "1e-3" -> 1e-3, "None" -> None; "0-4", "8,16", "resnet18" stay text.
+        try:
+            candidates = [ast.literal_eval(value), str(value)]
+        except (ValueError, SyntaxError):
+            candidates = [str(value)]
+    for i, v in enumerate(candidates):
+        try:
+            node[leaf] = v
+            return
+        except TypeError as e:
+            if i == len(candidates) - 1:
+                raise PresetError(f"{path} = {value!r}: {e}") from None
+
+
+def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    for path, value in overrides.items():
+        set_field(config, path, value)
+    return config
+
+
+@dataclasses.dataclass
+class Configs:
+    """Every stage's resolved config for one invocation."""
+
+    preset: str
+    expert: ml_collections.ConfigDict
+    judge2: ml_collections.ConfigDict
+    models: dict[str, ml_collections.ConfigDict]  # baseline, fad_xt, fad_x0
+
+    @property
+    def sample(self) -> ml_collections.ConfigDict:
+        """The sampling settings shared by every model (the baseline's copy)."""
+        return self.models[MODELS[0][0]].sample
+
+
+def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: str,
+          cache_dir: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> Configs:
+    """The resolved configs of every stage.
+
+    Args:
+      preset: a key of ``PRESETS``.
+      data: the data source of every stage; None = the preset's (else the configs') default.
+      seeds: sampling seeds for every model (e.g. ``"0-1"``); None = the preset's.
+      expert_workdir: where the expert is trained (the aligned models' ``align.expert_workdir``).
+      cache_dir: folder of the shared decoded-data caches (``data_<size>px_<channels>ch.npz``);
+        None = each run's own ``<workdir>/data_cache.npz``.
+      overrides: ``{group: {field: value}}`` applied last (the CLI's ``--set``): ``expert`` and
+        ``judge2`` to that judge only, ``diffusion`` to every model, a model's name to that model.
+
+    Raises:
+      PresetError: unknown preset, field or value type.
+      config_lib.ConfigError: a resolved config that cannot work.
+    """
+    if preset not in PRESETS:
+        raise PresetError(f"unknown preset {preset!r}; one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    overrides = overrides or {}
+    variant = p["variant"]
+    source = data or p["data"]
+
+    def finish(c):
+        if source:
+            c.data.source = source
+        if cache_dir:
+            c.data.cache = f"{cache_dir}/data_{c.data.image_size}px_{c.data.channels}ch.npz"
+        config_lib.validate(c)
+        return c
+
+    expert = apply(config_lib.expert_config(variant), p["expert"])
+    judge2 = apply(apply(config_lib.expert_config(variant), p["expert"]), p["judge2"])
+    apply(expert, overrides.get("expert", {}))  # CLI overrides: each judge its own group.
+    apply(judge2, overrides.get("judge2", {}))
+    models = {}
+    for name, align, extra in MODELS:
+        arg = ",".join(v for v in (variant, extra) if v) or None
+        c = apply(config_lib.diffusion_config(arg, align=align), p["diffusion"])
+        apply(c, overrides.get("diffusion", {}))
+        apply(c, overrides.get(name, {}))
+        if align:
+            c.align.expert_workdir = expert_workdir
+        if seeds is not None:
+            c.sample.seeds = seeds
+        models[name] = finish(c)
+    shared = {k: models[MODELS[0][0]].sample.get(k) for k in models[MODELS[0][0]].sample}
+    for name, c in models.items():
+        if {k: c.sample.get(k) for k in c.sample} != shared:
+            raise PresetError(f"{name}: sample.* differs from the baseline's; every model must share the "
+                              f"sampling settings (set them in the 'diffusion' group)")
+    return Configs(preset, finish(expert), finish(judge2), models)
+
+
+def _fmt(v: Any) -> str:
+    return "None" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+
+def deviations(configs: Configs) -> list[str]:
+    """Every setting of ``configs`` that differs from the paper (``PAPER``), one line each."""
+    out = []
+    source = configs.expert.data.source
+    if source.startswith("demo"):
+        out.append(f"data: {source} (built-in procedural textures; paper: {PAPER_DATA})")
+    for group, path, paper, what in PAPER:
+        targets = ([("expert", configs.expert)] if group == "expert" else
+                   [("diffusion", configs.models[MODELS[0][0]])] if not path.startswith("align.") else
+                   [(name, c) for name, c in configs.models.items() if c.align.enabled])
+        seen = set()
+        for name, c in targets:
+            v = c
+            for part in path.split("."):
+                v = v[part]
+            ok = v is not None if paper is SET else v == paper
+            shown = f"{path} = {_fmt(v)}"
+            if path == "train.num_epochs" and v is None:
+                shown = f"train.num_steps = {c.train.num_steps}"
+            if not ok and shown not in seen:
+                seen.add(shown)
+                label = "diffusion (all models)" if name == "diffusion" else name
+                if path.startswith("align."):
+                    label = "aligned models"
+                out.append(f"{label}: {shown} (paper: {what})")
+    n = len(config_lib.parse_seeds(configs.sample.seeds))
+    if n != PAPER_NUM_SEEDS:
+        out.append(f"sampling: {n} seeds {configs.sample.seeds} (paper: {PAPER_NUM_SEEDS})")
+    return out
+
+
+def describe(preset: str) -> str:
+    """The preset's overrides as text (for ``--list_presets`` and the report)."""
+    p = PRESETS[preset]
+    lines = [f"{preset}: variant {p['variant']!r}, default data {p['data'] or 'configs default'}"]
+    for group in ("expert", "judge2", "diffusion"):
+        for k, v in p[group].items():
+            lines.append(f"  {group}.{k} = {_fmt(v)}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""``python -m fadjax.reproduce``: the tiny preset end to end on the demo source (2 seeds), then the
+same command again, which must skip every stage; presets, overrides, deviations and verdicts."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fadjax.reproduce import pipeline, presets, summary
+from fadjax.reproduce.__main__ import main as reproduce_main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = ["baseline", "fad_xt", "fad_x0"]
+# XLA's CPU backend spends most of a micro run compiling; these make its compiles ~2x cheaper.
+CPU_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+XLA_CACHE = os.environ.get("FADJAX_TEST_XLA_CACHE", str(pathlib.Path.home() / ".cache" / "fadjax-test-xla"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny preset with 2 seeds, in a fresh process (one CPU device, its own XLA flags)."""
+    out = tmp_path_factory.mktemp("reproduce") / "tiny"
+    argv = ["--preset", "tiny", "--out", str(out), "--seeds", "0-1", "--xla_cache", XLA_CACHE]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": CPU_FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fadjax.reproduce", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, argv, proc.stdout, time.perf_counter() - t
+
+
+def test_tiny_preset_end_to_end(tiny_run):
+    out, _, stdout, _ = tiny_run
+    for m in MODELS:
+        for folder in (f"runs/{m}/checkpoints", f"gens/{m}/seed_0", f"gens/{m}/seed_1"):
+            assert (out / folder).is_dir(), folder
+        for f in (f"gens/{m}/manifest.json", f"eval/{m}/metrics.json", f"eval2/{m}/metrics.json"):
+            assert (out / f).is_file(), f
+    for judge in ("expert", "judge2"):
+        assert (out / "runs" / judge / "expert_eval.json").is_file()
+        for f in ("report.md", "summary.json", "accuracy_per_seed.png", "ssim_per_class.png", "confusion_real.png",
+                  "grid_baseline.png", "confusion_fad_xt.png", "loss_curves.png"):
+            assert (out / f"report_{judge}" / f).is_file(), f
+    for f in ("report.md", "summary.json", "stages.json", "accuracy_by_judge.png"):
+        assert (out / f).is_file(), f
+
+    # The same seeds and classes for every model.
+    manifests = [json.loads((out / "gens" / m / "manifest.json").read_text()) for m in MODELS]
+    assert all(mf["seeds"] == [0, 1] for mf in manifests)
+    assert len({tuple(mf["classes"]) for mf in manifests}) == 1
+    # Both judges trained on the same split, with different architectures.
+    splits = [json.loads((out / "runs" / j / "split.json").read_text()) for j in ("expert", "judge2")]
+    assert splits[0]["train"]["indices"] == splits[1]["train"]["indices"]
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["preset"] == "tiny" and s["data"] == "demo:24" and s["paper_judge"] == "expert"
+    assert s["seeds"] == [0, 1] and s["baseline"] == "baseline"
+    assert s["judges"]["expert"]["arch"] != s["judges"]["judge2"]["arch"]
+    for j in ("expert", "judge2"):
+        assert 0.0 <= s["judges"][j]["val_accuracy"] <= 1.0
+    assert set(s["models"]) == set(MODELS)
+    for m in MODELS:
+        r = s["models"][m]
+        assert {"accuracy", "paired_difference_vs_baseline", "ssim_generated", "ssim_real"} <= set(r)
+        for j in ("expert", "judge2"):
+            acc = r["accuracy"][j]
+            assert 0.0 <= acc["mean"] <= 1.0 and acc["std"] >= 0.0 and set(acc["per_seed"]) == {"0", "1"}
+            assert set(acc["per_class"]) == set(manifests[0]["classes"])
+            pd = r["paired_difference_vs_baseline"][j]
+            if m == "baseline":
+                assert pd is None
+            else:
+                assert pd["n"] == 2 and pd["ci_low"] <= pd["mean"] <= pd["ci_high"]
+        assert 0.0 < r["ssim_real"] <= 1.0
+    assert set(s["table_i_xt_minus_x0"]) == {"expert", "judge2"}
+    assert len(s["conclusions"]) == 6 and all("significant" in c for c in s["conclusions"])
+    assert any(d.startswith("data: demo:24") for d in s["deviations"])
+    assert "sampling: 2 seeds 0-1 (paper: 15)" in s["deviations"]
+    assert s["hardware"]["device_count"] >= 1 and s["hardware"]["device_kind"]
+    assert "jax" in s["versions"] and s["commands"] and "--seeds 0-1" in s["commands"][-1]
+    assert set(s["stages_wall_s"]) >= {"train/expert", "train/judge2", "sample/fad_x0", "eval/judge2/fad_xt"}
+
+    report = (out / "report.md").read_text()
+    for text in ("Deviations from the paper", "aligned on x_t minus baseline, judged by expert",
+                 "judged by judge2", "Hardware and software", "Stages (wall time", "python -m fadjax.reproduce",
+                 "report_expert/confusion_fad_xt.png", "report_judge2/accuracy_per_seed.png"):
+        assert text in report, text
+    assert "train/fad_x0: done" in stdout
+
+    stages = json.loads((out / "stages.json").read_text())
+    assert all(v["complete"] for v in stages["stages"].values()) and len(stages["stages"]) == 15
+
+
+def test_second_invocation_skips_every_stage(tiny_run):
+    out, argv, _, _ = tiny_run
+    t = time.perf_counter()
+    s = reproduce_main(argv)
+    assert time.perf_counter() - t < 30
+    assert s["preset"] == "tiny"
+    last = json.loads((out / "stages.json").read_text())["invocations"][-1]
+    assert last["ran"] == [] and len(last["skipped"]) == 15
+
+
+def test_changed_training_settings_are_refused(tiny_run):
+    out, argv, _, _ = tiny_run
+    with pytest.raises(pipeline.ReproduceError, match=r"train\.num_steps: 4 \(there\) != 5 \(now\)"):
+        reproduce_main(argv + ["--set", "diffusion.train.num_steps=5"])
+    # Sampling settings are not training settings: other seeds only redo sampling onwards.
+    configs = presets.build("tiny", data=None, seeds="0-2", expert_workdir=str(out / "runs" / "expert"),
+                            cache_dir=str(out / "cache"))
+    for name, c in configs.models.items():
+        pipeline.check_workdir(out / "runs" / name, c)
+
+
+def test_presets_resolve_and_list_their_deviations():
+    paper = presets.build("paper", data="folder:/x", seeds=None, expert_workdir="e", cache_dir="c")
+    assert paper.expert.expert.arch == "resnet50" and paper.judge2.expert.arch == "resnet34"
+    assert paper.judge2.seed != paper.expert.seed and paper.judge2.data.split_seed == paper.expert.data.split_seed
+    assert paper.models["fad_x0"].align.expert_input == "clean" and paper.models["fad_xt"].align.expert_input == "noisy"
+    assert not paper.models["baseline"].align.enabled
+    assert paper.expert.data.cache == "c/data_224px_1ch.npz" and paper.models["baseline"].data.cache == "c/data_64px_1ch.npz"
+    # The configs' defaults differ from the paper only where weights must be supplied.
+    assert presets.deviations(paper) == [
+        "expert: expert.pretrained = None (paper: ImageNet-1k initialisation)",
+        "diffusion (all models): model.pretrained = None (paper: segmind/tiny-sd weights (conv_in/conv_out fresh))",
+        "diffusion (all models): cond.mode = 'class_embed' (paper: CLIP text features of the class name)"]
+
+    fast = presets.build("fast", data=None, seeds=None, expert_workdir="e", cache_dir="c")
+    d = presets.deviations(fast)
+    assert "diffusion (all models): train.num_steps = 500 (paper: 20 epochs)" in d
+    assert "diffusion (all models): sample.sampler = 'ddim' (paper: DDPM)" in d
+    assert not any(x.startswith("sampling:") for x in d)  # 15 seeds, as the paper
+    assert fast.judge2.expert.arch == "resnet18" and fast.judge2.data.image_size == 64
+    assert {c.data.cache for c in (fast.expert, fast.judge2, *fast.models.values())} == {"c/data_64px_1ch.npz"}
+
+    o = presets.parse_overrides(["diffusion.model.block_out_channels=8,16", "judge2.expert.arch=resnet18",
+                                 "fad_xt.align.weight=0.5", "diffusion.train.ema_decay=None"])
+    tiny = presets.build("tiny", data="demo:10", seeds="3,5", expert_workdir="e", cache_dir=None, overrides=o)
+    assert tiny.models["fad_x0"].model.block_out_channels == "8,16" and tiny.judge2.expert.arch == "resnet18"
+    assert tiny.models["fad_xt"].align.weight == 0.5 and tiny.models["fad_x0"].align.weight == 1.0
+    assert tiny.sample.seeds == "3,5" and tiny.expert.data.source == "demo:10" and tiny.expert.data.cache is None
+    assert "aligned models: align.weight = 0.5 (paper: w2 = 1)" in presets.deviations(tiny)
+    with pytest.raises(presets.PresetError, match="unknown group"):
+        presets.parse_overrides(["model.x=1"])
+    with pytest.raises(presets.PresetError, match="no field 'num_stepz'"):
+        presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None,
+                      overrides=presets.parse_overrides(["diffusion.train.num_stepz=3"]))
+    with pytest.raises(presets.PresetError, match="sample"):
+        presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None,
+                      overrides=presets.parse_overrides(["fad_xt.sample.steps=7"]))
+
+
+def test_verdict_sentences_follow_the_numbers():
+    sig = {"n": 15, "mean": 0.031, "ci_low": 0.002, "ci_high": 0.06}
+    assert summary.verdict("A", "B", "expert", sig) == (
+        "A minus B, judged by expert: +3.1 points over 15 seed(s), 95% CI [+0.2, +6.0]: significant (A is better).")
+    worse = {"n": 15, "mean": -0.05, "ci_low": -0.08, "ci_high": -0.01}
+    assert summary.verdict("A", "B", "j", worse).endswith("significant (A is worse).")
+    ns = {"n": 15, "mean": 0.01, "ci_low": -0.02, "ci_high": 0.04}
+    assert summary.verdict("A", "B", "j", ns).endswith("not significant (no detectable difference).")
+    one = {"n": 1, "mean": 0.1, "ci_low": None, "ci_high": None}
+    assert "no interval" in summary.verdict("A", "B", "j", one)
