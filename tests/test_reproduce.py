@@ -23,7 +23,7 @@ XLA_CACHE = os.environ.get("FADJAX_TEST_XLA_CACHE", str(pathlib.Path.home() / ".
 def tiny_run(tmp_path_factory):
     """The tiny preset with 2 seeds, in a fresh process (one CPU device, its own XLA flags)."""
     out = tmp_path_factory.mktemp("reproduce") / "tiny"
-    argv = ["--preset", "tiny", "--out", str(out), "--seeds", "0-1", "--xla_cache", XLA_CACHE]
+    argv = ["--preset", "tiny", "--out", str(out), "--seeds", "0-1", "--xla_cache", XLA_CACHE, "--jobs", "3"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": CPU_FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fadjax.reproduce", *argv], cwd=ROOT, env=env,
@@ -92,6 +92,29 @@ def test_tiny_preset_end_to_end(tiny_run):
 
     stages = json.loads((out / "stages.json").read_text())
     assert all(v["complete"] for v in stages["stages"].values()) and len(stages["stages"]) == 15
+    assert stages["jobs"] == 3 and s["jobs"] == 3 and 0 < s["elapsed_s"]
+
+
+def test_execute_runs_after_dependencies_and_reports_the_first_error(tmp_path):
+    log = []
+
+    def task(name, deps=(), fail=False):
+        def fn():
+            time.sleep(0.05)
+            log.append(name)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+        return pipeline.Task(name, tuple(deps), name, lambda: False, fn)
+
+    book = pipeline.Book(tmp_path, "cmd", echo=False)
+    pipeline.execute([task("a"), task("b", ["a"]), task("c"), task("d", ["b", "c"])], book, jobs=3)
+    assert log.index("a") < log.index("b") < log.index("d") and log.index("c") < log.index("d")
+    log.clear()
+    (tmp_path / "2").mkdir()
+    with pytest.raises(RuntimeError, match="x failed"):
+        pipeline.execute([task("x", fail=True), task("y"), task("z", ["x"])],
+                         pipeline.Book(tmp_path / "2", "cmd", echo=False), jobs=2)
+    assert "z" not in log and "y" in log
 
 
 def test_second_invocation_skips_every_stage(tiny_run):
@@ -130,7 +153,7 @@ def test_presets_resolve_and_list_their_deviations():
 
     fast = presets.build("fast", data=None, seeds=None, expert_workdir="e", cache_dir="c")
     d = presets.deviations(fast)
-    assert "diffusion (all models): train.num_steps = 500 (paper: 20 epochs)" in d
+    assert "diffusion (all models): train.num_steps = 400 (paper: 20 epochs)" in d
     assert "diffusion (all models): sample.sampler = 'ddim' (paper: DDPM)" in d
     assert not any(x.startswith("sampling:") for x in d)  # 15 seeds, as the paper
     assert fast.judge2.expert.arch == "resnet18" and fast.judge2.data.image_size == 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import shlex
+import signal
 import sys
 from typing import Sequence
 
@@ -26,6 +27,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xla_cache", default=None,
                    help="persistent XLA compilation cache (default: OUT/xla_cache unless one is configured; "
                         "'none' disables)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="stages run at once, in threads (default: the preset's; fast: 3)")
     p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
                    help="override a config field: GROUP is expert, judge2, diffusion (every model), baseline, "
                         "fad_xt or fad_x0; e.g. --set diffusion.train.num_steps=200 (repeatable)")
@@ -54,7 +57,14 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                             cache_dir=args.cache_dir or str(out / "cache"),
                             overrides=presets.parse_overrides(args.set))
     command = "python -m fadjax.reproduce " + shlex.join(argv)
-    return pipeline.run_all(configs, out, command=command)
+    jobs = args.jobs or presets.PRESETS[args.preset]["jobs"]
+    # A `timeout` or scheduler kill still records the interrupted stage's time in stages.json.
+    signal.signal(signal.SIGTERM, _interrupt)
+    return pipeline.run_all(configs, out, command=command, jobs=jobs)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,29 @@
 
 ``stages.json`` in OUT records, per stage, a fingerprint of everything it depends on (its
 resolved config, the fingerprints of the stages it reads), whether it completed and its wall
-time (summed over the invocations that worked on it), and per invocation the exact command. A
-stage is skipped when it completed with the same fingerprint and its outputs are still there.
-An interrupted stage resumes: training from its workdir's latest checkpoint (``fadjax.train``),
-sampling from its complete seeds (``fadjax.sample``); evaluation and the report are redone.
+time (summed over the invocations that worked on it), and per invocation the exact command and
+its elapsed time. A stage is skipped when it completed with the same fingerprint and its
+outputs are still there. An interrupted stage resumes: training from its workdir's latest
+checkpoint (``fadjax.train``), sampling from its complete seeds (``fadjax.sample``); evaluation
+and the report are redone.
+
+Stages form a graph (the aligned models need the expert, sampling its model, evaluation its
+samples and judge). With ``jobs > 1`` independent stages run in threads: on a GPU most of a
+small stage is XLA compilation on the host, which overlaps; the device runs one stage's
+kernels at a time. Figures are drawn one at a time (pyplot is not thread-safe).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import pathlib
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -52,11 +63,13 @@ class Book:
         self.data["invocations"].append(self.invocation)
         self.echo = echo
         self.t0 = time.perf_counter()
+        self.lock = threading.RLock()
         self.save()
 
     def save(self) -> None:
-        self.invocation["wall_s"] = round(time.perf_counter() - self.t0, 2)
-        _write_json(self.path, self.data)
+        with self.lock:
+            self.invocation["wall_s"] = round(time.perf_counter() - self.t0, 2)
+            _write_json(self.path, self.data)
 
     def say(self, msg: str) -> None:
         """A progress line on stdout (and in the log) with the invocation's elapsed time."""
@@ -65,41 +78,121 @@ class Book:
         if self.echo:
             print(line, flush=True)
 
-    def stage(self, name: str, fp: str, outputs_ok: Callable[[], bool], fn: Callable[[], Any], *,
-              what: str = "") -> Any:
-        """Runs ``fn`` unless the stage completed with fingerprint ``fp`` and ``outputs_ok()``.
-
-        Returns:
-          What ``fn`` returned, now or when the stage completed (a JSON-able value).
-        """
-        rec = self.data["stages"].get(name)
-        if rec and rec.get("complete") and rec.get("fingerprint") == fp and outputs_ok():
-            self.invocation["skipped"].append(name)
-            self.save()
-            self.say(f"{name}: complete, skipped (took {rec['wall_s']:.1f}s when it ran)")
-            return rec.get("result")
-        if not rec or rec.get("fingerprint") != fp:
-            rec = {"fingerprint": fp, "wall_s": 0.0}
-        rec.update(complete=False, started=_now())
-        self.data["stages"][name] = rec
-        self.invocation["ran"].append(name)
+    def elapsed_s(self) -> float:
+        """Wall time of every invocation that ran a stage (this one up to now)."""
         self.save()
-        self.say(f"{name}: {what or 'running'}")
+        return round(sum(i.get("wall_s", 0.0) for i in self.data["invocations"]
+                         if i.get("ran") or i is self.invocation), 1)
+
+    def stage(self, task: "Task") -> None:
+        """Runs ``task`` unless it completed with the same fingerprint and its outputs are there."""
+        with self.lock:
+            rec = self.data["stages"].get(task.name)
+            skip = bool(rec and rec.get("complete") and rec.get("fingerprint") == task.fp and task.outputs_ok())
+            if skip:
+                self.invocation["skipped"].append(task.name)
+            else:
+                if not rec or rec.get("fingerprint") != task.fp:
+                    rec = {"fingerprint": task.fp, "wall_s": 0.0}
+                rec.update(complete=False, started=_now())
+                self.data["stages"][task.name] = rec
+                self.invocation["ran"].append(task.name)
+            self.save()
+        if skip:
+            self.say(f"{task.name}: complete, skipped (took {rec['wall_s']:.1f}s when it ran)")
+            return
+        self.say(f"{task.name}: {task.what or 'running'}")
         t = time.perf_counter()
         try:
-            result = fn()
+            result = task.fn()
         finally:
             dt = time.perf_counter() - t
-            rec["wall_s"] = round(rec["wall_s"] + dt, 2)
-            rec["last_wall_s"] = round(dt, 2)
+            with self.lock:
+                rec["wall_s"] = round(rec["wall_s"] + dt, 2)
+                rec["last_wall_s"] = round(dt, 2)
+                self.save()
+        with self.lock:
+            rec.update(complete=True, finished=_now(), result=result)
             self.save()
-        rec.update(complete=True, finished=_now(), result=result)
-        self.save()
-        self.say(f"{name}: done in {dt:.1f}s")
-        return result
+        self.say(f"{task.name}: done in {dt:.1f}s")
 
-    def wall_times(self) -> dict[str, float]:
-        return {k: v["wall_s"] for k, v in self.data["stages"].items()}
+
+@dataclasses.dataclass
+class Task:
+    """One stage: ``fn`` runs it; ``deps`` name the tasks it reads; ``fp`` fingerprints its inputs."""
+
+    name: str
+    deps: tuple[str, ...]
+    fp: str
+    outputs_ok: Callable[[], bool]
+    fn: Callable[[], Any]
+    what: str = ""
+
+
+def execute(tasks: list[Task], book: Book, *, jobs: int) -> None:
+    """Runs every task after its dependencies, up to ``jobs`` at a time, in list order.
+
+    After a failure nothing new starts; the tasks in flight finish, then the first error is raised.
+    """
+    by_name = {t.name: t for t in tasks}
+    for t in tasks:
+        missing = [d for d in t.deps if d not in by_name]
+        if missing:
+            raise ValueError(f"task {t.name} depends on unknown {missing}")
+    if jobs <= 1:
+        for t in tasks:
+            book.stage(t)
+        return
+    pending, done, running = list(tasks), set(), {}
+    error = None
+    with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="stage") as pool, _serialized_plots():
+        while pending or running:
+            if error is None:
+                for t in [t for t in pending if all(d in done for d in t.deps)]:
+                    if len(running) >= jobs:
+                        break
+                    pending.remove(t)
+                    running[pool.submit(book.stage, t)] = t.name
+            else:
+                pending = []
+            if not running:
+                if pending:
+                    raise ValueError(f"tasks {[t.name for t in pending]} wait for each other")
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in finished:
+                name = running.pop(f)
+                try:
+                    f.result()
+                    done.add(name)
+                except BaseException as e:  # noqa: BLE001 - re-raised once the others finish
+                    error = error or e
+    if error is not None:
+        raise error
+
+
+@contextlib.contextmanager
+def _serialized_plots():
+    """Draws ``fadjax.plots`` figures one at a time while stages run in threads."""
+    from fadjax import plots
+    lock = threading.Lock()
+    names = [n for n in ("confusion", "grouped_bars", "per_seed", "curves", "image_grid") if hasattr(plots, n)]
+    originals = {n: getattr(plots, n) for n in names}
+
+    def serial(f):
+        @functools.wraps(f)
+        def g(*a, **k):
+            with lock:
+                return f(*a, **k)
+        return g
+
+    for n, f in originals.items():
+        setattr(plots, n, serial(f))
+    try:
+        yield
+    finally:
+        for n, f in originals.items():
+            setattr(plots, n, f)
 
 
 # ----------------------------------------------------------------------------- training
@@ -150,16 +243,15 @@ def training_complete(workdir: pathlib.Path, *, expert: bool) -> bool:
     return done and (not expert or bool(_steps_saved(workdir / "best")))
 
 
-def train(book: Book, name: str, config, workdir: pathlib.Path, deps: list[str]) -> str:
-    """Trains one stage (expert, judge or diffusion model); returns its fingerprint."""
+def train_task(name: str, config, workdir: pathlib.Path, deps: dict[str, str]) -> Task:
+    """Training of the expert, the second judge or a diffusion model; ``deps``: name -> fingerprint."""
     from fadjax import train as train_lib
-    fp = fingerprint({"config": _training_dict(config), "deps": deps})
     expert = config.stage == "expert"
     check_workdir(workdir, config)
     if expert:
         what = f"training {config.expert.arch} at {config.data.image_size}px, {config.train.num_epochs} epochs"
     else:
-        length = (f"{config.train.num_steps} steps" if config.train.num_steps else f"{config.train.num_epochs} epochs")
+        length = f"{config.train.num_steps} steps" if config.train.num_steps else f"{config.train.num_epochs} epochs"
         what = (f"training U-Net ({config.model.block_out_channels or 'tiny-sd'}), batch {config.train.batch_size}, "
                 f"{length}, " + (f"aligned to the expert on {config.align.expert_input} input"
                                  if config.align.enabled else "no alignment"))
@@ -168,8 +260,8 @@ def train(book: Book, name: str, config, workdir: pathlib.Path, deps: list[str])
         s = train_lib.run(config, workdir)
         return {k: s.get(k) for k in ("final_step", "total_steps", "best_val_accuracy", "start_step") if k in s}
 
-    book.stage(f"train/{name}", fp, lambda: training_complete(workdir, expert=expert), run, what=what)
-    return fp
+    return Task(f"train/{name}", tuple(deps), fingerprint({"config": _training_dict(config), "deps": deps}),
+                lambda: training_complete(workdir, expert=expert), run, what)
 
 
 def same_split(a: pathlib.Path, b: pathlib.Path) -> None:
@@ -187,12 +279,11 @@ def sampling_settings(sample_cfg) -> dict:
             "guidance_scale": float(sample_cfg.guidance_scale), "batch_size": int(sample_cfg.batch_size)}
 
 
-def sample(book: Book, name: str, run_dir: pathlib.Path, out: pathlib.Path, settings: dict, model_fp: str) -> str:
-    from fadjax import runs
+def sample_task(name: str, run_dir: pathlib.Path, out: pathlib.Path, settings: dict, model: Task) -> Task:
     from fadjax import sample as sample_lib
-    fp = fingerprint({"model": model_fp, "settings": settings})
 
     def run():
+        from fadjax import runs
         r = runs.load_diffusion_run(run_dir)
         m = sample_lib.generate(r, str(out), seeds=settings["seeds"], num_per_class=settings["num_per_class"],
                                 sampler=settings["sampler"], steps=settings["steps"],
@@ -200,25 +291,22 @@ def sample(book: Book, name: str, run_dir: pathlib.Path, out: pathlib.Path, sett
                                 progress=sys.stderr.isatty())
         return {"images": m["counts"]["images"], "steps": m["steps"], "sampler": m["sampler"]}
 
-    n = len(settings["seeds"])
-    book.stage(f"sample/{name}", fp, lambda: (out / sample_lib.MANIFEST).exists(), run,
-               what=f"sampling {n} seeds x {settings['num_per_class']} per class ({settings['sampler']}, "
-                    f"{settings['steps'] or 'all'} steps)")
-    return fp
+    what = (f"sampling {len(settings['seeds'])} seeds x {settings['num_per_class']} per class "
+            f"({settings['sampler']}, {settings['steps'] or 'all'} steps)")
+    return Task(f"sample/{name}", (model.name,), fingerprint({"model": model.fp, "settings": settings}),
+                lambda: (out / sample_lib.MANIFEST).exists(), run, what)
 
 
-def evaluate(book: Book, name: str, judge_name: str, judge: Callable, gens: pathlib.Path, out: pathlib.Path,
-             deps: list[str], batch_size: int) -> str:
-    from fadjax import evaluate as evaluate_lib
-    fp = fingerprint({"deps": deps, "batch_size": batch_size})
-
+def eval_task(name: str, judge_name: str, judge: Callable, gens: Task, judge_task: Task, gens_dir: pathlib.Path,
+              out: pathlib.Path, batch_size: int) -> Task:
     def run():
-        m = evaluate_lib.evaluate(str(gens), judge(), str(out), batch_size=batch_size)
+        from fadjax import evaluate as evaluate_lib
+        m = evaluate_lib.evaluate(str(gens_dir), judge(), str(out), batch_size=batch_size)
         return {"accuracy_mean": m["accuracy"]["mean"], "accuracy_std": m["accuracy"]["std"]}
 
-    book.stage(f"eval/{judge_name}/{name}", fp, lambda: (out / "metrics.json").exists(), run,
-               what=f"judging {name} with {judge_name}")
-    return fp
+    return Task(f"eval/{judge_name}/{name}", (gens.name, judge_task.name),
+                fingerprint({"deps": [gens.fp, judge_task.fp], "batch_size": batch_size}),
+                lambda: (out / "metrics.json").exists(), run, f"judging {name} with {judge_name}")
 
 
 # ----------------------------------------------------------------------------- everything
@@ -234,48 +322,61 @@ def layout(out: pathlib.Path) -> dict:
     }
 
 
-def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, echo: bool = True) -> dict:
-    """Runs (or skips) every stage and writes the report; returns the summary."""
-    from fadjax import runs
+def plan(configs: presets.Configs, out: pathlib.Path) -> tuple[list[Task], dict]:
+    """Every stage as a task, in the order they are started; and the layout of OUT."""
     from fadjax.reproduce import summary as summary_lib
-
-    out.mkdir(parents=True, exist_ok=True)
-    book = Book(out, command, echo=echo)
-    book.data["preset"] = configs.preset
     paths = layout(out)
-    book.say(f"preset {configs.preset}, data {configs.expert.data.source}, out {out}")
-    fps = {}
-    fps["expert"] = train(book, "expert", configs.expert, paths["runs"]["expert"], [])
-    fps["judge2"] = train(book, "judge2", configs.judge2, paths["runs"]["judge2"], [])
-    same_split(paths["runs"]["expert"], paths["runs"]["judge2"])
+    tasks: dict[str, Task] = {}
+    for j, c in (("expert", configs.expert), ("judge2", configs.judge2)):
+        tasks[j] = train_task(j, c, paths["runs"][j], {})
     for name, c in configs.models.items():
-        fps[name] = train(book, name, c, paths["runs"][name], [fps["expert"]] if c.align.enabled else [])
-
+        deps = {"train/expert": tasks["expert"].fp} if c.align.enabled else {}
+        tasks[name] = train_task(name, c, paths["runs"][name], deps)
     settings = sampling_settings(configs.sample)
-    gen_fps = {name: sample(book, name, paths["runs"][name], paths["gens"][name], settings, fps[name])
-               for name in configs.models}
+    gens = {n: sample_task(n, paths["runs"][n], paths["gens"][n], settings, tasks[n]) for n in configs.models}
 
     loaded: dict[str, Any] = {}
+    load_lock = threading.Lock()
 
     def judge(j):
         def get():
-            if j not in loaded:
-                loaded[j] = runs.load_expert_run(paths["runs"][j])
-            return loaded[j]
+            from fadjax import runs
+            with load_lock:
+                if j not in loaded:
+                    loaded[j] = runs.load_expert_run(paths["runs"][j])
+                return loaded[j]
         return get
 
-    eval_fps = []
-    for j, jcfg in (("expert", configs.expert), ("judge2", configs.judge2)):
-        for name in configs.models:
-            eval_fps.append(evaluate(book, name, j, judge(j), paths["gens"][name], paths["eval"][j][name],
-                                     [gen_fps[name], fps[j]], int(jcfg.train.eval_batch_size)))
+    evals = [eval_task(n, j, judge(j), gens[n], tasks[j], paths["gens"][n], paths["eval"][j][n],
+                       int(jc.train.eval_batch_size))
+             for j, jc in (("expert", configs.expert), ("judge2", configs.judge2)) for n in configs.models]
 
     def report():
-        summary_lib.write(configs, out, paths, book)
+        same_split(paths["runs"]["expert"], paths["runs"]["judge2"])
+        summary_lib.write(configs, out, paths)
 
-    report_fp = fingerprint({"evals": eval_fps, "deviations": presets.deviations(configs)})
-    book.stage("report", report_fp, lambda: all((out / f).exists() for f in summary_lib.OUTPUTS), report,
-               what="writing the report")
-    book.say(f"all stages complete; report: {out / 'report.md'}")
-    book.save()
+    report_task = Task("report", tuple(e.name for e in evals),
+                       fingerprint({"evals": [e.fp for e in evals], "deviations": presets.deviations(configs)}),
+                       lambda: all((out / f).exists() for f in summary_lib.OUTPUTS), report, "writing the report")
+    return [*tasks.values(), *gens.values(), *evals, report_task], paths
+
+
+def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: int = 1, echo: bool = True) -> dict:
+    """Runs (or skips) every stage and writes the report; returns the summary.
+
+    Args:
+      configs: the resolved configs (``presets.build``).
+      out: the output folder.
+      command: the command line, recorded in ``stages.json`` and the report.
+      jobs: stages run at once (threads); 1 = one after the other.
+      echo: print progress lines on stdout.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    tasks, _ = plan(configs, out)
+    book = Book(out, command, echo=echo)
+    book.data["preset"] = configs.preset
+    book.data["jobs"] = jobs
+    book.say(f"preset {configs.preset}, data {configs.expert.data.source}, out {out}, {jobs} stage(s) at a time")
+    execute(tasks, book, jobs=jobs)
+    book.say(f"all stages complete in {book.elapsed_s():.1f}s; report: {out / 'report.md'}")
     return json.loads((out / "summary.json").read_text())
