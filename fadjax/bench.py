@@ -176,6 +176,7 @@ def _result(what: str, config, *, batch: int, images_per_call: int, per_call: li
     flops = flops_model if flops_model else info["flops"]
     tflops = flops / step_s / 1e12 if flops else None
     peaks = peak_tflops(env["device"])
+    chips = extra.get("devices_used", 1)
     stats = memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     out = {"what": what, "config": extra.pop("config_name", None), "batch": batch, "dtype": config.dtype,
@@ -187,8 +188,8 @@ def _result(what: str, config, *, batch: int, images_per_call: int, per_call: li
            "flops": info["flops"], "flops_model": flops_model,
            "tflops": None if tflops is None else round(tflops, 2),
            "peak_tflops_spec": peaks["spec"], "peak_tflops_measured": peaks["measured"],
-           "mfu_spec": round(tflops / peaks["spec"], 4) if tflops and peaks["spec"] else None,
-           "mfu_measured": round(tflops / peaks["measured"], 4) if tflops and peaks["measured"] else None,
+           "mfu_spec": round(tflops / chips / peaks["spec"], 4) if tflops and peaks["spec"] else None,
+           "mfu_measured": round(tflops / chips / peaks["measured"], 4) if tflops and peaks["measured"] else None,
            "cudnn_fmha_calls": info["cudnn_fmha_calls"], "host_calls": info["host_calls"],
            "bytes_accessed": info["bytes_accessed"], **extra, **env}
     return out
@@ -278,7 +279,8 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
 
     expert = None
     consts = {"text_features": text_features}
-    meta = {"align": bool(config.align.enabled), "num_examples": n, "parallel": config.parallel}
+    meta = {"align": bool(config.align.enabled), "num_examples": n, "parallel": config.parallel,
+            "devices_used": par.num_devices}
     params = {**host_random_init(model_param_shapes(model, config, text_features), rng)}
     if config.align.enabled:
         expert = expert_lib.build_expert(expert_arch, num_classes=None, dtype=dtype,
@@ -560,6 +562,7 @@ def run(config, *, what: str, config_name: str | None = None, batch: int | None 
             r = {"what": w, "config": config_name, "batch": b, "dtype": c.dtype,
                  "attention_requested": c.model.attention, "img_per_s": None,
                  "error": f"{type(e).__name__}: {str(e)[:300]}", **environment()}
+        r["attention_requested"] = attention or config.model.attention  # Before any CPU fallback.
         emit(r, jsonl)
         out.append(r)
         gc.collect()

@@ -51,7 +51,7 @@ def test_cli_train_step(tmp_path):
     (r,) = _bench("--what", "train_step", "--attention", "cudnn", tmp_path=tmp_path)
     _check_common(r)
     assert r["what"] == "train_step" and r["batch"] == 8 and r["dtype"] == "float32"
-    assert r["attention_requested"] == "xla"  # 'cudnn' falls back on a CPU.
+    assert r["attention_requested"] == "cudnn" and r["attention"] == "xla"  # 'cudnn' falls back on a CPU.
     assert r["align"] is True and r["expert"] == "random resnet18 width 8"  # configs/expert.py:tiny's expert.
     assert r["donated"] is True
     assert abs(r["img_per_s"] - r["batch"] / (r["step_time_ms"] / 1e3)) / r["img_per_s"] < 1e-3
@@ -98,3 +98,14 @@ def test_summarise(tmp_path):
     assert "14.000 / 0.0500 | 280x" in out  # as run (50 steps) vs the reference's 1000-step images
     assert "Skipped by the job's time limit: ours_max_batch." in out
     assert "peer bf16 b64 eager" not in out  # no such peer line, none stored: no ratio
+
+
+def test_import_path_needs_no_hf_packages():
+    """What the GPU image lacks stays out of the benchmark's imports (bench/README.md: wheels to carry)."""
+    code = ("import sys, fadjax.bench, fadjax.sampling, fadjax.train.diffusion_stage, fadjax.models.expert, "
+            "fadjax.models.build, fadjax.models.unet, fadjax.models.conditioning\n"
+            "print(sorted(m for m in ('diffusers', 'transformers', 'dm_pix', 'tensorboardX', 'torch', 'tensorflow') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+    assert out.strip() == "[]"
