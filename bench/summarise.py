@@ -101,7 +101,8 @@ def summarise(rows: list[dict], fallback: list[dict] | None = None) -> str:
     peer_rows = []
     for r in peer:
         if r.get("peer") == "torch-reference-step":
-            cfg = f"train step, batch {r.get('batch')}, {'bf16 autocast' if r.get('bf16') in (True, 'True') else 'fp32'}"
+            precision = "bf16 autocast" if r.get("bf16") in (True, "True") else "fp32"
+            cfg = f"train step, batch {r.get('batch')}, {precision}"
             cfg += ", torch.compile" if r.get("compiled") in (True, "True") else ", eager"
             peer_rows.append([cfg, _fmt(r.get("img_per_s"), 2) + " img/s" if r.get("img_per_s") else
                               "error: " + str(r.get("error", "?"))[:60].replace("|", "/")])

@@ -287,12 +287,14 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
                                          **({"width": expert_width} if expert_width else {}))
         e_size = config.align.expert_resize or size
         x = jax.ShapeDtypeStruct((1, e_size, e_size, channels), jnp.float32)
-        expert_vars = host_random_init(jax.eval_shape(lambda x: expert.init(jax.random.key(0), x, train=False), x), rng)
+        expert_vars = host_random_init(
+            jax.eval_shape(lambda x: expert.init(jax.random.key(0), x, train=False), x), rng)
         e_shapes = jax.eval_shape(lambda v, x: expert.apply(v, x, train=False)[1], expert_vars, x)
         u_shapes = model.feature_shapes(image_size=size, channels=channels)
         e_dim = e_shapes[config.align.expert_feature].shape[-1]
         u_dim = u_shapes[config.align.unet_feature][-1]
-        params["proj"] = host_random_init(jax.eval_shape(lambda k: align_lib.init_projection(k, e_dim, u_dim), jax.random.key(0)), rng)
+        proj = jax.eval_shape(lambda k: align_lib.init_projection(k, e_dim, u_dim), jax.random.key(0))
+        params["proj"] = host_random_init(proj, rng)
         consts["expert"] = expert_vars
         meta.update(expert=f"random {expert_arch}" + (f" width {expert_width}" if expert_width else ""),
                     expert_params=sum(x.size for x in jax.tree.leaves(expert_vars["params"])),
@@ -305,8 +307,13 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
 
     step_fn, tx = _make_step(config, model, expert, labels, num_examples=n)
     ema_decay = config.train.ema_decay
-    state = jax.jit(lambda p: common.TrainState.create(
-        apply_fn=None, params=p, tx=tx, ema_params=jax.tree.map(jnp.copy, p) if ema_decay is not None else None))(params)
+
+    @jax.jit
+    def fresh_state(p):
+        ema = jax.tree.map(jnp.copy, p) if ema_decay is not None else None
+        return common.TrainState.create(apply_fn=None, params=p, tx=tx, ema_params=ema)
+
+    state = fresh_state(params)
     data = {"images": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
             "labels": rng.integers(0, num_classes, (n,)).astype(np.int32)}
     state = par.put_replicated(state)
@@ -505,7 +512,7 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
 def default_timing(what: str, *, warmup: int | None, iters: int | None, repeats: int | None) -> Timing:
     """Fewer calls on the CPU (tiny configs) and for the sampler (each call is a whole chain)."""
     cpu = jax.default_backend() == "cpu"
-    base = Timing(1, 2, 2) if cpu else (Timing(1, 1, 3) if what == "sample" else Timing(3, 10, 3))
+    base = Timing(1, 2, 2) if cpu else (Timing(1, 1, 3) if what == "sample" else Timing())
     return Timing(base.warmup if warmup is None else warmup, base.iters if iters is None else iters,
                   base.repeats if repeats is None else repeats)
 

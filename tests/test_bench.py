@@ -21,7 +21,8 @@ def _bench(*args, tmp_path):
     """``python -m fadjax.bench`` on one CPU device, as a user runs it; returns its JSON lines."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device, not conftest's eight.
     # Cheap CPU code generation and the test suite's compilation cache keep the test fast.
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    env.update(JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                JAX_COMPILATION_CACHE_DIR=os.environ.get(
                    "FADJAX_TEST_XLA_CACHE", str(pathlib.Path.home() / ".cache" / "fadjax-test-xla")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
@@ -80,7 +81,8 @@ def test_summarise(tmp_path):
         {"what": "skipped", "part": "ours_max_batch"},
     ]
     peer = [
-        {"peer": "torch-reference-step", "batch": 64, "align": True, "bf16": True, "compiled": True, "img_per_s": 250.0},
+        {"peer": "torch-reference-step", "batch": 64, "align": True, "bf16": True, "compiled": True,
+         "img_per_s": 250.0},
         {"peer": "torch-reference-unet-forward", "batch": 1, "evals_per_s": 50.0, "images_per_s_at_1000_steps": 0.05},
     ]
     path = tmp_path / "job.jsonl"
