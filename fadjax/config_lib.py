@@ -149,7 +149,8 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     c.align = ml_collections.ConfigDict()
     c.align.enabled = align  # Feature alignment on (False = the baseline).
     c.align.weight = 1.0  # w2: weight of the alignment loss.
-    c.align.expert_workdir = placeholder(str)  # Workdir of the trained expert (required when enabled).
+    c.align.expert_workdir = placeholder(str)  # Workdir of the trained expert (required when enabled) ...
+    c.align.train_missing_expert = False  # ... unless this is set: then a tiny expert is trained in <workdir>/expert first.
     # U-Net feature aligned to the expert: "down_2_shortcut" is the reference code's hook
     # (down_blocks.2.resnets.0.conv_shortcut); "down_2" is the last down block's output.
     c.align.unet_feature = "down_2_shortcut"
@@ -175,6 +176,7 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     if "clean" in variants:
         c.align.expert_input = "clean"
     if "tiny" in variants:
+        c.align.train_missing_expert = True  # The CPU demo runs on its own: a tiny expert is trained first.
         c.data.source = "demo"
         c.data.image_size = 16
         c.model.block_out_channels = "16,32,64"
@@ -286,8 +288,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(a.weight >= 0, "align.weight", f"{a.weight} must be >= 0")
     _check(a.expert_input in EXPERT_INPUTS, "align.expert_input", f"{a.expert_input!r} is not one of {EXPERT_INPUTS}")
     if a.enabled:
-        _check(bool(a.expert_workdir), "align.expert_workdir",
-               "feature alignment needs a trained expert: --config.align.expert_workdir=runs/expert")
+        _check(bool(a.expert_workdir) or a.get("train_missing_expert", False), "align.expert_workdir",
+               "feature alignment needs a trained expert: train one with `python train.py "
+               "--config configs/expert.py --workdir runs/expert`, then pass --config.align.expert_workdir=runs/expert")
     s = config.sample
     _check(s.sampler in SAMPLERS, "sample.sampler", f"{s.sampler!r} is not one of {SAMPLERS}")
     try:

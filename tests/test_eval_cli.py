@@ -209,8 +209,6 @@ def test_command_lines(tmp_path, monkeypatch):
     assert (tmp_path / "cmp" / "report.md").exists()
 
 
-@pytest.mark.skipif(not os.environ.get("FADJAX_E2E"), reason="trains two tiny runs (minutes on a busy CPU); "
-                                                             "set FADJAX_E2E=1")
 def test_end_to_end_with_trained_runs(tmp_path):
     """train (tiny expert, micro U-Net) -> sample -> evaluate -> report through the command lines."""
     from fadjax import config_lib
