@@ -3,6 +3,7 @@ same command again, which must skip every stage; presets, overrides, deviations 
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +116,23 @@ def test_execute_runs_after_dependencies_and_reports_the_first_error(tmp_path):
         pipeline.execute([task("x", fail=True), task("y"), task("z", ["x"])],
                          pipeline.Book(tmp_path / "2", "cmd", echo=False), jobs=2)
     assert "z" not in log and "y" in log
+
+    # An interrupt returns at once, the stage in flight recorded as incomplete with its time so far.
+    (tmp_path / "3").mkdir()
+    book = pipeline.Book(tmp_path / "3", "cmd", echo=False)
+
+    def interrupt():
+        time.sleep(0.2)
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.3)
+
+    t = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.execute([pipeline.Task("slow", (), "s", lambda: False, lambda: time.sleep(5)),
+                          pipeline.Task("irq", (), "i", lambda: False, interrupt)], book, jobs=2)
+    assert time.perf_counter() - t < 4
+    slow = json.loads((tmp_path / "3" / "stages.json").read_text())["stages"]["slow"]
+    assert not slow["complete"] and slow["wall_s"] > 0.1 and "interrupted" in slow
 
 
 def test_second_invocation_skips_every_stage(tiny_run):

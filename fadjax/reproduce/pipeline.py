@@ -15,7 +15,6 @@ kernels at a time. Figures are drawn one at a time (pyplot is not thread-safe).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -23,6 +22,7 @@ import functools
 import hashlib
 import json
 import pathlib
+import queue
 import sys
 import threading
 import time
@@ -64,6 +64,7 @@ class Book:
         self.echo = echo
         self.t0 = time.perf_counter()
         self.lock = threading.RLock()
+        self.running: dict[str, float] = {}  # Stage -> start (perf_counter) while it runs.
         self.save()
 
     def save(self) -> None:
@@ -77,6 +78,17 @@ class Book:
         logging.info(line)
         if self.echo:
             print(line, flush=True)
+
+    def interrupted(self) -> None:
+        """Adds the time of the stages still running to their record (the run was interrupted)."""
+        with self.lock:
+            now = time.perf_counter()
+            for name, t in self.running.items():
+                rec = self.data["stages"][name]
+                rec["wall_s"] = round(rec["wall_s"] + now - t, 2)
+                rec["interrupted"] = _now()
+            self.running.clear()
+            self.save()
 
     def elapsed_s(self) -> float:
         """Wall time of every invocation that ran a stage (this one up to now)."""
@@ -103,14 +115,17 @@ class Book:
             return
         self.say(f"{task.name}: {task.what or 'running'}")
         t = time.perf_counter()
+        with self.lock:
+            self.running[task.name] = t
         try:
             result = task.fn()
         finally:
             dt = time.perf_counter() - t
             with self.lock:
-                rec["wall_s"] = round(rec["wall_s"] + dt, 2)
-                rec["last_wall_s"] = round(dt, 2)
-                self.save()
+                if self.running.pop(task.name, None) is not None:  # Not yet counted by interrupted().
+                    rec["wall_s"] = round(rec["wall_s"] + dt, 2)
+                    rec["last_wall_s"] = round(dt, 2)
+                    self.save()
         with self.lock:
             rec.update(complete=True, finished=_now(), result=result)
             self.save()
@@ -133,6 +148,8 @@ def execute(tasks: list[Task], book: Book, *, jobs: int) -> None:
     """Runs every task after its dependencies, up to ``jobs`` at a time, in list order.
 
     After a failure nothing new starts; the tasks in flight finish, then the first error is raised.
+    An interrupt (Ctrl-C, SIGTERM) records the running stages' time and returns at once: the
+    worker threads are daemons, so the process can exit while they are inside a compile.
     """
     by_name = {t.name: t for t in tasks}
     for t in tasks:
@@ -143,30 +160,43 @@ def execute(tasks: list[Task], book: Book, *, jobs: int) -> None:
         for t in tasks:
             book.stage(t)
         return
-    pending, done, running = list(tasks), set(), {}
+    finished: queue.Queue = queue.Queue()
+
+    def work(t):
+        try:
+            book.stage(t)
+            finished.put((t.name, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            finished.put((t.name, e))
+
+    pending, done, running = list(tasks), set(), set()
     error = None
-    with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="stage") as pool, _serialized_plots():
-        while pending or running:
-            if error is None:
-                for t in [t for t in pending if all(d in done for d in t.deps)]:
-                    if len(running) >= jobs:
-                        break
-                    pending.remove(t)
-                    running[pool.submit(book.stage, t)] = t.name
-            else:
-                pending = []
-            if not running:
-                if pending:
-                    raise ValueError(f"tasks {[t.name for t in pending]} wait for each other")
-                break
-            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for f in finished:
-                name = running.pop(f)
+    with _serialized_plots():
+        try:
+            while pending or running:
+                if error is None:
+                    for t in [t for t in pending if all(d in done for d in t.deps)][:jobs - len(running)]:
+                        pending.remove(t)
+                        running.add(t.name)
+                        threading.Thread(target=work, args=(t,), name=f"stage {t.name}", daemon=True).start()
+                else:
+                    pending = []
+                if not running:
+                    if pending:
+                        raise ValueError(f"tasks {[t.name for t in pending]} wait for each other")
+                    break
                 try:
-                    f.result()
+                    name, e = finished.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                running.discard(name)
+                if e is None:
                     done.add(name)
-                except BaseException as e:  # noqa: BLE001 - re-raised once the others finish
+                else:
                     error = error or e
+        except BaseException:
+            book.interrupted()
+            raise
     if error is not None:
         raise error
 

@@ -114,6 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "expert.width": 4,           # ResNet18 stem width (tiny variant: 8).
             "expert.head_hidden": 8,
             "train.num_epochs": 2,
+            "train.eval_every_epoch": 2,  # One validation (and best checkpoint), at the end.
             "train.log_every": 6,
             "train.eval_batch_size": 24,  # The whole validation split in one batch.
         },
