@@ -162,7 +162,8 @@ def test_presets_resolve_and_list_their_deviations():
     assert paper.judge2.seed != paper.expert.seed and paper.judge2.data.split_seed == paper.expert.data.split_seed
     assert paper.models["fad_x0"].align.expert_input == "clean" and paper.models["fad_xt"].align.expert_input == "noisy"
     assert not paper.models["baseline"].align.enabled
-    assert paper.expert.data.cache == "c/data_224px_1ch.npz" and paper.models["baseline"].data.cache == "c/data_64px_1ch.npz"
+    assert paper.expert.data.cache == "c/data_224px_1ch.npz"
+    assert paper.models["baseline"].data.cache == "c/data_64px_1ch.npz"
     # The configs' defaults differ from the paper only where weights must be supplied.
     assert presets.deviations(paper) == [
         "expert: expert.pretrained = None (paper: ImageNet-1k initialisation)",

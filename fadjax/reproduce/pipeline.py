@@ -254,7 +254,8 @@ def check_workdir(workdir: pathlib.Path, config) -> None:
     new = _training_dict(config)
     if old != new:
         a, b = _flat(old), _flat(new)
-        diff = [f"{k}: {a.get(k)!r} (there) != {b.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diff = [f"{k}: {a.get(k)!r} (there) != {b.get(k)!r} (now)"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise ReproduceError(f"{workdir} holds a run trained with other settings:\n  " + "\n  ".join(diff) +
                              "\nUse another --out, or delete that folder to retrain it.")
 

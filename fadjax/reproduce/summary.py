@@ -234,7 +234,8 @@ def _markdown(s: dict, configs: presets.Configs) -> str:
         L.append(f"| {r['label']} | " + " | ".join(cells) +
                  f" | {_num(r['ssim_generated'])} | {_num(r['ssim_real'])} | {r['sampler']} ({r['steps']} steps) |")
     L += ["", "![accuracy by judge](accuracy_by_judge.png)", "", "## Judges", "",
-          "| judge | architecture | input | seed | init | validation accuracy (best checkpoint) | re-evaluated | role |",
+          "| judge | architecture | input | seed | init | validation accuracy (best checkpoint) | re-evaluated "
+          "| role |",
           "|---|---|---|---|---|---|---|---|"]
     for j in presets.JUDGES:
         i = judges[j]
