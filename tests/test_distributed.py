@@ -26,8 +26,10 @@ MICRO = [
 
 
 def _env(devices: int) -> dict:
+    # The relaunched processes find their compiled programs in the persistent cache of the first launch.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     env.pop("FADJAX_COORDINATOR", None)
     return env
 
