@@ -107,6 +107,7 @@ def expert_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.expert.head_hidden = 16
         c.train.batch_size = 16
         c.train.num_epochs = 2
+        c.optim.lr = 1e-3  # From scratch and only a few steps: a larger step than the paper's fine-tuning rate.
         c.train.log_every = 5
         c.train.checkpoint_every = 20
         c.train.eval_batch_size = 64
