@@ -159,3 +159,17 @@ def test_bad_config_values_are_rejected_before_compiling(tiles, expert_workdir, 
     with pytest.raises(config_lib.ConfigError, match=match):
         train_lib.run(c, tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tiles, tmp_path):
+    c = micro(tiny_diffusion_config(tiles, align=False))
+    c.optim.lr = 1e30  # Adam's first update throws every weight to ~1e30: the next loss overflows.
+    c.optim.schedule = "constant"
+    c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 6, 1, 1
+    with pytest.raises(common.NonFiniteLossError, match=r"at step (\d+)") as err:
+        train_lib.run(c, tmp_path)
+    bad = int(__import__("re").search(r"at step (\d+)", str(err.value)).group(1))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad  # Only steps before the bad one were saved.
+    params = runs.load_diffusion_run(tmp_path, use_ema=False).params
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
