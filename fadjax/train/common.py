@@ -190,6 +190,25 @@ def apply_gradients_if_finite(state: TrainState, grads, loss, *, ema_decay: floa
     return new, finite, grad_norm
 
 
+def summarise_steps(buf: list[dict], par: Parallel, *, step: int, ckpt: "Checkpointer") -> dict[str, float]:
+    """Means of the metrics of the steps in ``buf`` (the last ending at ``step``).
+
+    Raises:
+      NonFiniteLossError: naming the first step whose loss or gradient was not finite (its update
+        was not applied) and the last checkpoint, which holds only finite parameters.
+    """
+    rows = jax.device_get(buf)
+    if par.mode == "pmap":
+        rows = [{k: v[0] for k, v in r.items()} for r in rows]
+    first = step - len(rows) + 1
+    bad = [i for i, r in enumerate(rows) if r["finite"] < 1]
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {first + bad[0]} (loss {rows[bad[0]]['loss']}); stopped; "
+            f"the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 class Checkpointer:

@@ -351,20 +351,12 @@ def _loop(config, workdir, par, state, step_fn, step_args, ckpt, *, start, total
             step += 1
             save_now = step % t.checkpoint_every == 0 or step == total
             if step % t.log_every == 0 or save_now:
-                rows = jax.device_get(buf)
-                if par.mode == "pmap":
-                    rows = [{k: v[0] for k, v in r.items()} for r in rows]
-                bad = [step - len(rows) + i + 1 for i, r in enumerate(rows) if r["finite"] < 1]
-                if bad:
-                    raise common.NonFiniteLossError(
-                        f"non-finite loss or gradient at step {bad[0]} (loss {rows[bad[0] - step + len(rows) - 1]['loss']}); "
-                        f"stopped; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                last = common.summarise_steps(buf, par, step=step, ckpt=ckpt)
                 dt = timer.lap()
-                last = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
-                last["img_per_s"] = len(rows) * t.batch_size / dt
+                last["img_per_s"] = len(buf) * t.batch_size / dt
                 last["epoch"] = step / spe
                 writer.write(step, last)
-                progress.update(len(rows), {k: last[k] for k in ("loss", "noise_loss", "align_loss") if k in last})
+                progress.update(len(buf), {k: last[k] for k in ("loss", "noise_loss", "align_loss") if k in last})
                 if not progress.bar:
                     logging.info("step %d/%d %s", step, total, {k: round(v, 5) for k, v in last.items()})
                 buf = []

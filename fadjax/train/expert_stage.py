@@ -194,18 +194,10 @@ def train(config, workdir) -> dict:
             do_eval = step % eval_every == 0 or step == total
             save_now = step % t.checkpoint_every == 0 or do_eval
             if step % t.log_every == 0 or save_now:
-                rows = jax.device_get(buf)
-                if par.mode == "pmap":
-                    rows = [{k: v[0] for k, v in r.items()} for r in rows]
-                bad = [step - len(rows) + i + 1 for i, r in enumerate(rows) if r["finite"] < 1]
-                if bad:
-                    raise common.NonFiniteLossError(
-                        f"non-finite loss or gradient at step {bad[0]}; stopped; the last good checkpoint is "
-                        f"step {ckpt.latest_step()} in {ckpt.directory}")
-                last = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
-                last["img_per_s"] = len(rows) * t.batch_size / timer.lap()
+                last = common.summarise_steps(buf, par, step=step, ckpt=ckpt)
+                last["img_per_s"] = len(buf) * t.batch_size / timer.lap()
                 last["epoch"] = step / spe
-                buf = []
+                logged, buf = len(buf), []
                 if do_eval:
                     host = par.unreplicate(state)
                     variables = {"params": host.params}
@@ -227,7 +219,7 @@ def train(config, workdir) -> dict:
                                             title=f"Expert validation confusion (step {step}, acc {acc:.3f})")
                     logging.info("step %d: validation accuracy %.4f (best %.4f)", step, acc, best_acc)
                 writer.write(step, last)
-                progress.update(len(rows), {k: last[k] for k in ("loss", "train_accuracy", "val_accuracy") if k in last})
+                progress.update(logged, {k: last[k] for k in ("loss", "train_accuracy", "val_accuracy") if k in last})
                 if not progress.bar:
                     logging.info("step %d/%d %s", step, total, {k: round(v, 5) for k, v in last.items()})
             if save_now:
