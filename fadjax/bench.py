@@ -77,6 +77,8 @@ def prepare_config(config, *, what: str, batch: int, dtype: str | None = None,
     if c.model.attention == "cudnn" and jax.default_backend() != "gpu":
         logging.warning("attention 'cudnn' needs a GPU; using 'xla' on %s", jax.default_backend())
         c.model.attention = "xla"
+    if not c.data.source:  # The benchmark draws synthetic images; the source is never read.
+        c.data.source = "demo"
     c.align.enabled = what == "train_step"  # Sampling never runs the expert.
     if c.align.enabled:  # The random expert stands in for a trained run.
         c.align.expert_workdir = f"<random {expert_arch}>"

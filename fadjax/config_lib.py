@@ -33,8 +33,10 @@ def parse_variant(arg: str | None) -> set[str]:
 
 def _data(image_size: int) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    # Where the images come from: "folder:PATH" (one folder per class), "tfds:NAME" or "demo".
-    d.source = "tfds:colorectal_histology"
+    # Where the images come from: "folder:PATH" (one folder per class), "tfds:NAME" (downloaded by
+    # TFDS, e.g. "tfds:colorectal_histology", the paper's dataset) or "demo". No default: nothing is
+    # downloaded unless you name it (the tiny variants use "demo").
+    d.source = placeholder(str)
     d.image_size = image_size  # Square side the images are resized to (pixels).
     d.channels = 1  # 1 = grayscale (PIL "L" luma, as the paper), 3 = RGB.
     d.classes = placeholder(str)  # Comma-separated class names to keep; None keeps all.
@@ -257,7 +259,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.dtype in DTYPES, "dtype", f"{config.dtype!r} is not one of {DTYPES}")
     d = config.data
     _check(isinstance(d.source, str) and bool(d.source), "data.source",
-           "set it to folder:PATH, tfds:NAME or demo")
+           "no data source: pass --config.data.source=folder:/path/to/tiles (one folder per class), "
+           "tfds:colorectal_histology (downloads the paper's dataset) or demo")
     _check(d.image_size >= 8, "data.image_size", f"{d.image_size} is too small (>= 8)")
     _check(d.channels in (1, 3), "data.channels", f"{d.channels} must be 1 or 3")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction} must be in (0, 1)")

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from fadjax import config_lib
+
 from fadjax.reproduce import pipeline, presets, summary
 from fadjax.reproduce.__main__ import main as reproduce_main
 
@@ -170,7 +172,9 @@ def test_presets_resolve_and_list_their_deviations():
         "diffusion (all models): model.pretrained = None (paper: segmind/tiny-sd weights (conv_in/conv_out fresh))",
         "diffusion (all models): cond.mode = 'class_embed' (paper: CLIP text features of the class name)"]
 
-    fast = presets.build("fast", data=None, seeds=None, expert_workdir="e", cache_dir="c")
+    with pytest.raises(config_lib.ConfigError, match="data.source"):  # nothing is downloaded unless named
+        presets.build("fast", data=None, seeds=None, expert_workdir="e", cache_dir="c")
+    fast = presets.build("fast", data="folder:/x", seeds=None, expert_workdir="e", cache_dir="c")
     d = presets.deviations(fast)
     assert "diffusion (all models): train.num_steps = 400 (paper: 20 epochs)" in d
     assert "diffusion (all models): sample.sampler = 'ddim' (paper: DDPM)" in d

@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # sampling steps, ResNet50 at 224 px for 15 epochs, 10 images x 7 classes x 15 seeds).
     "paper": {
         "variant": None,
-        "data": None,  # None = the configs' default source (tfds:colorectal_histology).
+        "data": None,  # None: --data is required (folder:PATH, or tfds:colorectal_histology to download).
         "jobs": 1,     # Stages one after the other.
         "expert": {},
         "judge2": {
