@@ -18,8 +18,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(presets.PRESETS), default="tiny",
                    help="paper: the paper's settings; fast: one H200 in ~6.5 min; tiny: demo data, a CPU")
     p.add_argument("--data", default=None,
-                   help="folder:PATH, tfds:NAME or demo[:N] (default: the preset's; tiny: demo:24, "
-                        "others: tfds:colorectal_histology)")
+                   help="folder:PATH, tfds:NAME or demo[:N] (tiny's default: demo:24; paper and fast need it, "
+                        "e.g. tfds:colorectal_histology to download the paper's dataset)")
     p.add_argument("--out", default=None, help="output folder (default: reports/<preset>)")
     p.add_argument("--seeds", default=None, help="sampling seeds of every model, e.g. 0-1 (default: the preset's)")
     p.add_argument("--cache_dir", default=None,
