@@ -4,6 +4,7 @@ Eight virtual CPU devices (multi-device tests need them; single-device tests use
 and JAX's persistent compilation cache, so that recompiling the same function in another test
 or another run is cheap. Both must be set before JAX is imported.
 """
+import contextlib
 import os
 import pathlib
 
@@ -28,3 +29,31 @@ def kather_dir():
     if not path.is_dir():
         pytest.skip(f"real tiles not found at {path}")
     return path
+
+
+@pytest.fixture
+def killed_after_first_checkpoint(monkeypatch):
+    """A context manager: the run inside it is killed right after its first checkpoint is written.
+
+    Usage: ``with killed_after_first_checkpoint(): train_lib.run(config, workdir)``; the block
+    must end in that kill (a ``KeyboardInterrupt``), and saving works normally afterwards.
+    """
+    from fadjax.train import common
+
+    @contextlib.contextmanager
+    def kill():
+        original = common.Checkpointer.save
+
+        def save_then_crash(self, step, *a, **kw):
+            original(self, step, *a, **kw)
+            self.wait()
+            raise KeyboardInterrupt(f"simulated kill after the checkpoint of step {step}")
+
+        monkeypatch.setattr(common.Checkpointer, "save", save_then_crash)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(common.Checkpointer, "save", original)
+
+    return kill

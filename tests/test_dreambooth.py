@@ -14,7 +14,7 @@ import pytest
 from fadjax import config_lib, evaluate, runs, sample
 from fadjax import train as train_lib
 from fadjax.models import build
-from fadjax.train import common, dreambooth
+from fadjax.train import dreambooth
 
 PER_CLASS = 10
 CLASSES = ("tumor", "stroma", "complex", "lympho", "debris", "mucosa", "adipose", "empty")
@@ -88,23 +88,15 @@ def read_metrics(workdir):
 
 
 @pytest.mark.parametrize("align", [False, True], ids=["plain", "aligned"])
-def test_dreambooth_caches_prior_resumes_and_evaluates(baseline, expert_workdir, tmp_path, monkeypatch, align):
+def test_dreambooth_caches_prior_resumes_and_evaluates(baseline, expert_workdir, tmp_path, monkeypatch, align,
+                                                     killed_after_first_checkpoint):
     c = db_config(baseline, align=align, expert_workdir=expert_workdir)
     calls = []
     generate = dreambooth.generate_prior_images
     monkeypatch.setattr(dreambooth, "generate_prior_images", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
 
-    original = common.Checkpointer.save
-
-    def crash_after_first_save(self, step, *a, **kw):
-        original(self, step, *a, **kw)
-        self.wait()
-        raise KeyboardInterrupt(f"simulated kill after the checkpoint of step {step}")
-
-    monkeypatch.setattr(common.Checkpointer, "save", crash_after_first_save)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_checkpoint():
         train_lib.run(c, tmp_path / "crash")
-    monkeypatch.setattr(common.Checkpointer, "save", original)
     assert len(calls) == 1 and calls[0]["num_images"] == 8 and calls[0]["sampler"] == "ddim"
     with np.load(tmp_path / "crash" / dreambooth.PRIOR_FILE) as f:
         prior = f["images"]

@@ -103,22 +103,13 @@ def test_feature_aligned_tiny_run_logs_both_losses(tiles, expert_workdir, tmp_pa
     assert "align_loss" in read_metrics(tmp_path / "clean")[-1]
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tiles, tmp_path, monkeypatch):
+def test_resume_after_crash_matches_uninterrupted_run(tiles, tmp_path, killed_after_first_checkpoint):
     c = tiny_diffusion_config(tiles, align=False)
     c.train.ema_decay = 0.9
     train_lib.run(c, tmp_path / "full")
 
-    original = common.Checkpointer.save
-
-    def crash_after_first_save(self, step, *a, **kw):
-        original(self, step, *a, **kw)
-        self.wait()
-        raise KeyboardInterrupt(f"simulated kill after the checkpoint of step {step}")
-
-    monkeypatch.setattr(common.Checkpointer, "save", crash_after_first_save)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_checkpoint():
         train_lib.run(c, tmp_path / "crash")
-    monkeypatch.setattr(common.Checkpointer, "save", original)
     assert [r["step"] for r in read_metrics(tmp_path / "crash")] == [2, 3]
     summary = train_lib.run(c, tmp_path / "crash")  # the same command again resumes
     assert summary["start_step"] == 3 and summary["final_step"] == 6
