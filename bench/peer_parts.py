@@ -19,6 +19,8 @@ PARTS = {
 def main(path: str, part: str) -> None:
     spec = importlib.util.spec_from_file_location("torch_reference_step", path)
     peer = importlib.util.module_from_spec(spec)
+    # torch.compile (dynamo) looks the module up by name while it traces: register it first.
+    sys.modules[spec.name] = peer
     spec.loader.exec_module(peer)
     train, sampling = PARTS[part]
     for kw in train:

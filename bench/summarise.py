@@ -127,6 +127,9 @@ def summarise(rows: list[dict], fallback: list[dict] | None = None) -> str:
         ("train step bf16 b64 vs peer bf16 b64 eager",
          _ours(ours, "train_step", batch=64, dtype="bfloat16"),
          peer_or_stored(_peer_train, batch=64, bf16=True, compiled=False)),
+        ("train step fp32 b64 vs peer fp32 b64 eager",
+         _ours(ours, "train_step", batch=64, dtype="float32"),
+         peer_or_stored(_peer_train, batch=64, bf16=False, compiled=False)),
         ("train step fp32 b4 vs peer fp32 b4 eager (the paper's setting)",
          _ours(ours, "train_step", batch=4, dtype="float32"),
          peer_or_stored(_peer_train, batch=4, bf16=False, compiled=False)),
@@ -138,7 +141,6 @@ def summarise(rows: list[dict], fallback: list[dict] | None = None) -> str:
             ratios.append([label + tag, f"{mine['img_per_s']:.1f} / {ref['img_per_s']:.1f}",
                            f"{mine['img_per_s'] / ref['img_per_s']:.2f}x"])
     ref1, tag1 = peer_or_stored(_peer_sampling, batch=1)
-    ref70, tag70 = peer_or_stored(_peer_sampling, batch=70)
     for s in [r for r in ours if r.get("what") == "sample" and r.get("img_per_s")]:
         name = f"sampling b{s['batch']} {s['dtype']} {s.get('steps')} steps"
         if ref1:
@@ -148,13 +150,23 @@ def summarise(rows: list[dict], fallback: list[dict] | None = None) -> str:
                            f"{s['img_per_s_at_1000_steps'] / base:.1f}x"])
             ratios.append([f"{name}, as run ({s.get('steps')} steps), vs reference (1 image, 1000 steps){tag1}",
                            f"{s['img_per_s']:.3f} / {base:.4f}", f"{s['img_per_s'] / base:.0f}x"])
-        if ref70 and s["batch"] == 70:
-            base = ref70["images_per_s_at_1000_steps"]
-            ratios.append([f"{name}, at 1000 steps, vs peer b70 fp32 at 1000 steps{tag70}",
+        same, tag_same = peer_or_stored(_peer_sampling, batch=s["batch"])
+        if same and s["batch"] != 1:
+            base = same["images_per_s_at_1000_steps"]
+            ratios.append([f"{name}, at 1000 steps, vs peer b{s['batch']} fp32 at 1000 steps{tag_same}",
                            f"{s['img_per_s_at_1000_steps']:.4f} / {base:.4f}",
                            f"{s['img_per_s_at_1000_steps'] / base:.1f}x"])
     lines += ["", "### Ratios (ours / peer)", ""]
     lines += _table(["comparison", "img/s", "ratio"], ratios) if ratios else ["(no comparable pairs)"]
+    costs = []
+    for a in [r for r in ours if r.get("what") == "train_step"]:
+        b = _ours(ours, "baseline_step", batch=a.get("batch"), dtype=a.get("dtype"))
+        if b:
+            costs.append([f"batch {a['batch']} {a['dtype']}", f"{a['img_per_s']:.2f} / {b['img_per_s']:.2f}",
+                          f"{100 * (b['img_per_s'] / a['img_per_s'] - 1):+.1f}%"])
+    if costs:
+        lines += ["", "### Cost of the alignment term (ours: feature-aligned step / baseline step)", ""]
+        lines += _table(["setting", "img/s aligned / baseline", "extra time per image"], costs)
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,7 @@ from absl import logging
 
 from fadjax import config_lib
 from fadjax import diffusion as diffusion_lib
+from fadjax.models import unet as unet_lib
 
 WHATS = ("train_step", "baseline_step", "sample")
 # Dense bf16 matrix rates (TFLOP/s) that MFU is stated against: the H100/H200 SXM datasheet figure, and
@@ -142,13 +143,19 @@ def _cost(stage) -> dict[str, float]:
     return dict(cost or {})
 
 
-def inspect_compiled(compiled) -> dict[str, Any]:
-    """FLOPs, bytes, program memory, attention implementation and host calls of a compiled program."""
+def inspect_compiled(compiled, attention_calls: dict | None = None) -> dict[str, Any]:
+    """FLOPs, bytes, program memory, attention implementation and host calls of a compiled program.
+
+    ``attention_calls``: the implementations the U-Net's attention calls picked while the program was
+    traced (``unet.record_attention``); 'cudnn' is reported only when the HLO holds cuDNN's fused call.
+    """
     cost = _cost(compiled)
     hlo = compiled.as_text()
     fmha = _FMHA.findall(hlo)
+    calls = {k: int(v) for k, v in sorted((attention_calls or {}).items()) if v}
     out = {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
-           "attention": "cudnn" if fmha else "xla", "cudnn_fmha_calls": len(fmha),
+           "attention": "cudnn" if fmha else ("chunked" if calls.get("chunked") else "xla"),
+           "attention_calls": calls, "cudnn_fmha_calls": len(fmha),
            "host_calls": len(_HOST_CALLS.findall(hlo)), "program_bytes": None}
     try:
         m = compiled.memory_analysis()
@@ -183,6 +190,7 @@ def _result(what: str, config, *, batch: int, images_per_call: int, per_call: li
     peak = stats.get("peak_bytes_in_use")
     out = {"what": what, "config": extra.pop("config_name", None), "batch": batch, "dtype": config.dtype,
            "attention_requested": config.model.attention, "attention": info["attention"],
+           "attention_calls": info["attention_calls"],
            "img_per_s": round(images_per_call / step_s, 3), "step_time_ms": round(step_s * 1e3, 3),
            "step_time_ms_loops": [round(s * 1e3, 3) for s in per_call], "compile_s": round(compile_s, 2),
            "peak_bytes": peak, "peak_gib": _gib(peak), "bytes_limit": stats.get("bytes_limit"),
@@ -339,14 +347,15 @@ def bench_train_step(config, *, timing: Timing, config_name: str | None = None, 
     setup_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
-        lowered = step_fn.lower(*args)
+        with unet_lib.record_attention() as calls:
+            lowered = step_fn.lower(*args)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001
         if _is_oom(e):
             raise OutOfMemory(str(e)[:500]) from e
         raise
-    info = inspect_compiled(compiled)
+    info = inspect_compiled(compiled, calls)
     if config.model.attention == "xla":
         flops_model = _cost(lowered).get("flops")
     else:
@@ -475,10 +484,11 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
                   clip_sample=True)
     t0 = time.perf_counter()
     # The sampler's own jitted loop (what sampling.sample calls), lowered to time it without compiling.
-    compiled = sampling._sample_jit.lower(params=params, schedule=schedule, labels=labels, keys=keys,
-                                          **static).compile()
+    with unet_lib.record_attention() as calls:
+        lowered = sampling._sample_jit.lower(params=params, schedule=schedule, labels=labels, keys=keys, **static)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    info = inspect_compiled(compiled)
+    info = inspect_compiled(compiled, calls)
 
     c = ml_collections.ConfigDict(config.to_dict())
     c.model.attention = "xla"
@@ -585,7 +595,7 @@ def _define_flags():
     flags.DEFINE_enum("what", "train_step", WHATS + ("all",), "What to time.")
     flags.DEFINE_integer("batch", None, "Batch size (default: the config's train/sample batch size).")
     flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES), "Compute dtype (default: the config's).")
-    flags.DEFINE_enum("attention", None, ["auto", "cudnn", "xla"], "Attention implementation (default: the config's).")
+    flags.DEFINE_enum("attention", None, ["auto", "cudnn", "xla", "chunked"], "Attention implementation (default: the config's).")
     flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
     flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the config's).")
     flags.DEFINE_integer("warmup", None, "Untimed calls before timing (default 3; sample 1; CPU 1).")

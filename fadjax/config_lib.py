@@ -24,6 +24,7 @@ EXPERT_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "vit_b16")
 COND_MODES = ("class_embed", "clip")
 EXPERT_INPUTS = ("noisy", "clean")
 SAMPLERS = ("ddpm", "ddim")
+ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.unet.ATTENTION_IMPLEMENTATIONS
 
 
 def parse_variant(arg: str | None) -> set[str]:
@@ -135,7 +136,7 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     c.model.cross_attention_dim = placeholder(int)  # Override of the context width; None = preset's.
     c.model.norm_num_groups = placeholder(int)  # Override of GroupNorm groups; None = preset's.
     c.model.pretrained = placeholder(str)  # Local diffusers U-Net folder or hub id ("segmind/tiny-sd").
-    c.model.attention = "auto"  # "auto", "cudnn" (fused flash attention on GPU) or "xla".
+    c.model.attention = "auto"  # "auto", "cudnn" (fused flash attention on GPU), "xla" or "chunked" (bounded memory).
 
     c.cond = ml_collections.ConfigDict()
     c.cond.mode = "class_embed"  # "class_embed" (learned table) or "clip" (the paper's CLIP text features).
@@ -280,6 +281,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.stage == "expert":
         _check(config.expert.arch in EXPERT_ARCHS, "expert.arch", f"{config.expert.arch!r} is not one of {EXPERT_ARCHS}")
         return
+    _check(config.model.attention in ATTENTIONS, "model.attention",
+           f"{config.model.attention!r} is not one of {ATTENTIONS}")
     _check(config.cond.mode in COND_MODES, "cond.mode", f"{config.cond.mode!r} is not one of {COND_MODES}")
     _check(config.cond.mode != "clip" or config.cond.clip_path, "cond.clip_path",
            "mode 'clip' needs a local CLIP folder (or a hub id such as openai/clip-vit-base-patch32)")

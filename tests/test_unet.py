@@ -261,3 +261,40 @@ def test_init_params_dtypes_and_image_size_check():
     with pytest.raises(ValueError, match="attention"):
         jax.eval_shape(lambda p: UNet(config, attention="flash").apply({"params": p}, x, t, context), params)
     assert unet_lib.ATTENTION_IMPLEMENTATIONS["auto"] is None
+
+
+def test_chunked_attention_matches_full_attention_and_its_gradients():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(k1, (2, 48, 3, 8))
+    k, v = jax.random.normal(k2, (2, 40, 3, 8)), jax.random.normal(k3, (2, 40, 3, 8))
+    # 2*3*40*16 elements: blocks of 16 queries (a divisor of 48), three of them.
+    loss = {name: (lambda q, k, v, f=f: jnp.sum(jnp.sin(f(q, k, v)))) for name, f in {
+        "full": functools.partial(jax.nn.dot_product_attention, implementation="xla"),
+        "chunked": functools.partial(unet_lib.chunked_attention, max_elements=2 * 3 * 40 * 16)}.items()}
+    np.testing.assert_allclose(loss["chunked"](q, k, v), loss["full"](q, k, v), rtol=1e-5)
+    for a, b in zip(jax.grad(loss["chunked"], (0, 1, 2))(q, k, v), jax.grad(loss["full"], (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    hlo = jax.jit(functools.partial(unet_lib.chunked_attention, max_elements=2 * 3 * 40 * 16)).lower(q, k, v).as_text()
+    assert "while" in hlo  # Blocks of queries, one after the other ...
+    hlo = jax.jit(unet_lib.chunked_attention).lower(q, k, v).as_text()
+    assert "while" not in hlo  # ... unless one block holds them all.
+
+
+def test_auto_attention_chunks_only_large_score_tensors(monkeypatch):
+    config = UNetConfig(**{**TINY_SD_LIKE, "in_channels": 1, "out_channels": 1})
+    params = jax.eval_shape(functools.partial(init_params, UNet(config), image_size=16), jax.random.key(0))
+    x, t, context = inputs(config, batch=2, size=16)
+
+    def calls(attention):
+        with unet_lib.record_attention() as counts:
+            jax.eval_shape(lambda p: UNet(config, attention=attention).apply({"params": p}, x, t, context), params)
+        return dict(counts)
+
+    # 3 levels x (1 down + 2 up) transformer blocks, each with self- and cross-attention: 18 calls.
+    assert calls("auto") == {"xla": 18}
+    assert calls("chunked") == {"chunked": 18}
+    # Batch 2 x 2 heads x 256 x 256 self-attention scores at 16x16 (the largest): chunked above the line.
+    monkeypatch.setattr(unet_lib, "AUTO_CHUNK_ABOVE", 2 * 2 * 256 * 256 - 1)
+    assert calls("auto") == {"chunked": 3, "xla": 15}
+    with pytest.raises(ValueError, match="needs a GPU"):
+        calls("cudnn")

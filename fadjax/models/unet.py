@@ -12,6 +12,8 @@ pick from (`down_{i}`, `down_{i}_shortcut`, `mid`); see `UNet`.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,21 +31,85 @@ from flax import traverse_util
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = (None, "UNetMidBlock2DCrossAttn")
-ATTENTION_IMPLEMENTATIONS = {"auto": None, "cudnn": "cudnn", "xla": "xla"}
+ATTENTION_IMPLEMENTATIONS = {"auto": None, "cudnn": "cudnn", "xla": "xla", "chunked": "chunked"}
+# 'auto' off a GPU: plain XLA attention while one call's score tensor [B, N, T, S] stays under this many
+# elements (1 GiB in float32), query-chunked attention above it (XLA would materialise e.g. 17 GB of scores
+# per layer for tiny-sd's 4096-token self-attention at batch 64 with 4 heads).
+AUTO_CHUNK_ABOVE = 2 ** 28
+# 'chunked': each chunk's scores hold at most this many elements (256 MiB in float32).
+CHUNK_ELEMENTS = 2 ** 26
 
 
 def resolve_attention(attention: str, dtype) -> str | None:
-    """The `jax.nn.dot_product_attention` implementation an `attention` setting means here.
+    """The attention implementation an `attention` setting means here.
 
     'auto' takes cuDNN's fused flash attention where it exists (a GPU backend, fp16/bf16
     compute), measured at 5x XLA's speed for tiny-sd's 4096-token self-attention on an H200;
-    elsewhere it lets JAX pick (XLA).
+    elsewhere (None) each call picks by size: XLA, or 'chunked' when its scores would exceed
+    `AUTO_CHUNK_ABOVE` elements.
     """
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={attention!r}: use one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
     if attention == "auto" and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"attention='cudnn' needs a GPU (cuDNN); the backend here is {jax.default_backend()!r}: "
+                         "use 'auto' (picks cuDNN on a GPU), 'xla' or 'chunked'")
     return ATTENTION_IMPLEMENTATIONS[attention]
+
+
+def chunked_attention(q, k, v, *, max_elements: int = CHUNK_ELEMENTS):
+    """`jax.nn.dot_product_attention` (XLA) over blocks of queries, recomputed in the backward pass.
+
+    Each query row's softmax still runs over every key, so the result is the full attention's; only
+    one block's scores [B, N, chunk, S] exist at a time (forward and backward), at most `max_elements`
+    of them. The block is the largest divisor of T that fits (T itself when everything fits).
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, N, H].
+    Returns:
+      [B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    fit = max(1, max_elements // (b * n * s))
+    if fit >= t:
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    chunk = max(d for d in range(1, fit + 1) if t % d == 0)
+    blocks = q.reshape(b, t // chunk, chunk, n, h).swapaxes(0, 1)  # [T/chunk, B, chunk, N, H]
+    attend = jax.checkpoint(lambda qb: jax.nn.dot_product_attention(qb, k, v, implementation="xla"))
+    out = jax.lax.map(attend, blocks)
+    return out.swapaxes(0, 1).reshape(b, t, n, h)
+
+
+_RECORDERS: list[collections.Counter] = []
+
+
+@contextlib.contextmanager
+def record_attention():
+    """Counts the implementation every attention call picks while tracing inside the block.
+
+    Yields a `collections.Counter` ({'xla': 6, 'chunked': 6}, ...). Only tracing counts: a function
+    jit has already traced and cached is not traced again.
+    """
+    counts: collections.Counter = collections.Counter()
+    _RECORDERS.append(counts)
+    try:
+        yield counts
+    finally:
+        _RECORDERS.remove(counts)
+
+
+def attention(q, k, v, implementation: str | None):
+    """Dot-product attention by `implementation` (see `resolve_attention`); q [B, T, N, H], k, v [B, S, N, H]."""
+    if implementation is None:
+        b, t, n, _ = q.shape
+        implementation = "chunked" if b * n * t * k.shape[1] > AUTO_CHUNK_ABOVE else "xla"
+    for counts in _RECORDERS:
+        counts[implementation] += 1
+    if implementation == "chunked":
+        return chunked_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 # diffusers config.json keys that never change the math, whatever their value. `upcast_attention` only
 # matters in half precision, and `jax.nn.dot_product_attention` always takes its softmax in float32.
@@ -223,7 +289,7 @@ class Attention(nn.Module):
         q = _dense(c, self.dtype, "to_q", use_bias=False)(x).reshape(b, t, self.heads, head_dim)  # [B, T, N, H]
         k = _dense(c, self.dtype, "to_k", use_bias=False)(context).reshape(b, -1, self.heads, head_dim)  # [B, S, N, H]
         v = _dense(c, self.dtype, "to_v", use_bias=False)(context).reshape(b, -1, self.heads, head_dim)  # [B, S, N, H]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # [B, T, N, H]
+        out = attention(q, k, v, self.implementation)  # [B, T, N, H]
         return _dense(c, self.dtype, "to_out_0")(out.reshape(b, t, c))
 
 
@@ -387,9 +453,10 @@ class UNet(nn.Module):
     Attributes:
       config: the architecture.
       dtype: compute dtype (params stay float32).
-      attention: 'auto' ('cudnn' on a GPU in fp16/bf16, else XLA), 'cudnn' (cuDNN flash attention for self-attention; GPU, fp16/bf16
-        only; cross-attention then uses XLA, since cuDNN rejects the gradient of a 1-token key sequence)
-        or 'xla'.
+      attention: 'auto' ('cudnn' on a GPU in fp16/bf16, else XLA or, for calls whose scores would pass
+        `AUTO_CHUNK_ABOVE` elements, 'chunked'), 'cudnn' (cuDNN flash attention for self-attention; GPU,
+        fp16/bf16 only; cross-attention then uses XLA, since cuDNN rejects the gradient of a 1-token key
+        sequence), 'xla' (scores materialised) or 'chunked' (`chunked_attention`: bounded memory, any backend).
     """
     config: UNetConfig
     dtype: Any = jnp.float32

@@ -1,6 +1,7 @@
 """Pieces every training stage shares: devices, optimizer, checkpoints, logs, progress."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -350,3 +351,41 @@ class Timer:
         now = time.perf_counter()
         dt, self.t = now - self.t, now
         return dt
+
+
+class Phases:
+    """Wall time of a run's set-up, phase by phase: ``with phases("init"): ...``; each end is logged.
+
+    ``times`` (seconds by phase, in order) goes into the stage's summary, so a slow start shows where
+    its time went (data, models, expert, init, restore, placement, compile).
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        self.times[name] = round(self.times.get(name, 0.0) + dt, 3)
+        logging.info("%s set-up: %s took %.1fs", self.stage, name, dt)
+
+
+def run_init(fn: Callable, *args):
+    """``jax.jit(fn)(*args)`` for a program that draws every parameter at random (model init).
+
+    On a GPU, XLA inlines the threefry hash of each random draw, and a model with hundreds of
+    parameter arrays compiles slowly (jax-ml/jax#1756); there the draws are lowered to JAX's CUDA
+    threefry kernel instead (``jax_threefry_gpu_kernel_lowering``, the same bits by construction), set
+    for this call and this thread only. Should that fail, the plain lowering runs. Elsewhere: plain jit.
+    """
+    if jax.default_backend() == "gpu":
+        try:
+            from jax._src import config as jax_config  # The flag's thread-local context manager.
+            with jax_config.threefry_gpu_kernel_lowering(True):
+                return jax.block_until_ready(jax.jit(fn)(*args))
+        except Exception as e:  # noqa: BLE001  (an optimisation only: fall back to the default lowering)
+            logging.warning("init with the CUDA threefry kernel failed (%s); using XLA's lowering", repr(e)[:200])
+    return jax.block_until_ready(jax.jit(fn)(*args))

@@ -169,6 +169,52 @@ def _with_tiny_expert(config, workdir: pathlib.Path):
     return config
 
 
+def _models(config, labels: build.LabelSpace):
+    """(pretrained U-Net params or None, the run's DiffusionModel, its U-Net's feature shapes)."""
+    unet_module = unet_params = None
+    if config.model.pretrained:  # The U-Net from pretrained weights.
+        from fadjax.models import unet as unet_lib
+        unet_module, unet_params = unet_lib.from_pretrained(
+            config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
+            dtype=common.compute_dtype(config), attention=config.model.attention)
+    model = build.build_diffusion_model(config, labels, unet_module=unet_module)
+    image_size = config.data.image_size
+    levels = len(model.unet.config.block_out_channels) - 1
+    if image_size % (2 ** levels):
+        raise config_lib.ConfigError(
+            f"config.data.image_size: {image_size} cannot be halved {levels} times by the U-Net "
+            f"(use a multiple of {2 ** levels})")
+    feat_shapes = model.feature_shapes(image_size=image_size, channels=config.data.channels)
+    if config.align.enabled and config.align.unet_feature not in feat_shapes:
+        raise config_lib.ConfigError(
+            f"config.align.unet_feature: {config.align.unet_feature!r} is not a U-Net feature; "
+            f"choose one of {sorted(feat_shapes)}")
+    return unet_params, model, feat_shapes
+
+
+def _load_expert(config, ds, feat_shapes: dict):
+    """(the trained expert run, its feature width, the U-Net feature's width), checked against the data."""
+    from fadjax import runs
+    expert_run = runs.load_expert_run(config.align.expert_workdir, dtype=common.compute_dtype(config))
+    if list(expert_run.class_names) != list(ds.class_names):
+        raise config_lib.ConfigError(
+            f"config.align.expert_workdir: the expert was trained on classes {expert_run.class_names}, "
+            f"this run's data has {ds.class_names}")
+    e_size = config.align.expert_resize or config.data.image_size
+    e_shapes = expert_run.feature_shapes(image_size=e_size, channels=config.data.channels)
+    if config.align.expert_feature not in e_shapes:
+        raise config_lib.ConfigError(
+            f"config.align.expert_feature: {config.align.expert_feature!r} is not an expert feature; "
+            f"choose one of {sorted(e_shapes)}")
+    e_dim = e_shapes[config.align.expert_feature][-1]
+    u_dim = feat_shapes[config.align.unet_feature][-1]
+    logging.info("aligning U-Net %s %s to expert %s %s (%s input) with W_p %dx%d",
+                 config.align.unet_feature, feat_shapes[config.align.unet_feature],
+                 config.align.expert_feature, e_shapes[config.align.expert_feature],
+                 config.align.expert_input, e_dim, u_dim)
+    return expert_run, e_dim, u_dim
+
+
 def _hooks_default():
     return {"label_space": None, "train_data": None, "make_draw": None, "init_params": None, "run_record": None}
 
@@ -192,6 +238,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     from fadjax import runs
 
     t_start = time.time()
+    phases = common.Phases("diffusion")
     hooks = {**_hooks_default(), **(hooks or {})}
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
@@ -201,52 +248,20 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
         config = _with_tiny_expert(config, workdir)
     par = common.make_parallel(config, config.train.batch_size)
 
-    ds = inputs.load_dataset(config, workdir)
-    train_idx, _ = inputs.load_split(config, workdir, ds)
+    with phases("data"):
+        ds = inputs.load_dataset(config, workdir)
+        train_idx, _ = inputs.load_split(config, workdir, ds)
     labels = (hooks["label_space"] or (lambda ds: build.LabelSpace(
         tuple(ds.class_names), has_null=config.cond.label_dropout > 0)))(ds)
-    text_features = _text_features(config, workdir, labels)
-
-    # Models (U-Net from pretrained weights when asked), features checked by name.
-    unet_module = unet_params = None
-    if config.model.pretrained:
-        from fadjax.models import unet as unet_lib
-        dtype = common.compute_dtype(config)
-        unet_module, unet_params = unet_lib.from_pretrained(
-            config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
-            dtype=dtype, attention=config.model.attention)
-    model = build.build_diffusion_model(config, labels, unet_module=unet_module)
+    with phases("models"):
+        text_features = _text_features(config, workdir, labels)
+        unet_params, model, feat_shapes = _models(config, labels)
     image_size, channels = config.data.image_size, config.data.channels
-    levels = len(model.unet.config.block_out_channels) - 1
-    if image_size % (2 ** levels):
-        raise config_lib.ConfigError(
-            f"config.data.image_size: {image_size} cannot be halved {levels} times by the U-Net "
-            f"(use a multiple of {2 ** levels})")
-    feat_shapes = model.feature_shapes(image_size=image_size, channels=channels)
     expert = expert_run = None
     if config.align.enabled:
-        if config.align.unet_feature not in feat_shapes:
-            raise config_lib.ConfigError(
-                f"config.align.unet_feature: {config.align.unet_feature!r} is not a U-Net feature; "
-                f"choose one of {sorted(feat_shapes)}")
-        expert_run = runs.load_expert_run(config.align.expert_workdir, dtype=common.compute_dtype(config))
-        if list(expert_run.class_names) != list(ds.class_names):
-            raise config_lib.ConfigError(
-                f"config.align.expert_workdir: the expert was trained on classes {expert_run.class_names}, "
-                f"this run's data has {ds.class_names}")
+        with phases("expert"):
+            expert_run, e_dim, u_dim = _load_expert(config, ds, feat_shapes)
         expert = expert_run.module
-        e_size = config.align.expert_resize or image_size
-        e_shapes = expert_run.feature_shapes(image_size=e_size, channels=channels)
-        if config.align.expert_feature not in e_shapes:
-            raise config_lib.ConfigError(
-                f"config.align.expert_feature: {config.align.expert_feature!r} is not an expert feature; "
-                f"choose one of {sorted(e_shapes)}")
-        e_dim = e_shapes[config.align.expert_feature][-1]
-        u_dim = feat_shapes[config.align.unet_feature][-1]
-        logging.info("aligning U-Net %s %s to expert %s %s (%s input) with W_p %dx%d",
-                     config.align.unet_feature, feat_shapes[config.align.unet_feature],
-                     config.align.expert_feature, e_shapes[config.align.expert_feature],
-                     config.align.expert_input, e_dim, u_dim)
 
     # Training data on the device(s).
     if hooks["train_data"] is not None:
@@ -259,6 +274,8 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe, total_steps=total)
     tx = common.make_optimizer(config.optim, lr_fn)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
+    ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    start = common.agreed_step(ckpt.latest_step() or 0)
 
     # Parameters: resume > init_from > pretrained > scratch.
     ema_decay = config.train.ema_decay
@@ -271,26 +288,36 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
             params["proj"] = align_lib.init_projection(k_proj, e_dim, u_dim)
         return params
 
-    params = jax.jit(fresh_params)() if unet_params is None else fresh_params()
-    if config.init_from:
-        src = runs.load_diffusion_run(config.init_from, use_ema=False)
-        params = runs.merge_params(params, src.params, source_name=config.init_from)
-        if hooks["init_params"] is not None:
-            params = hooks["init_params"](model, params, src)
-    state = common.TrainState.create(apply_fn=None, params=params, tx=tx,
-                                     ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    logging.info("parameters: %.1fM (%s)", n_params / 1e6,
-                 ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.2f}M" for k, v in params.items()))
+    def make_state(params):
+        return common.TrainState.create(apply_fn=None, params=params, tx=tx,
+                                        ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None)
 
-    ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    start = common.agreed_step(ckpt.latest_step() or 0)
+    with phases("init"):
+        # One compiled program builds the parameters, the optimizer state and the EMA (eagerly, every
+        # leaf of each would be a dispatch of its own); a resumed run needs only their shapes.
+        if start and not config.init_from:
+            state = jax.eval_shape(lambda: make_state(fresh_params()))
+        elif unet_params is None and not config.init_from:
+            state = common.run_init(lambda: make_state(fresh_params()))
+        else:
+            params = common.run_init(fresh_params) if unet_params is None else fresh_params()
+            if config.init_from:
+                src = runs.load_diffusion_run(config.init_from, use_ema=False)
+                params = runs.merge_params(params, src.params, source_name=config.init_from)
+                if hooks["init_params"] is not None:
+                    params = hooks["init_params"](model, params, src)
+            state = jax.block_until_ready(jax.jit(make_state)(params))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("parameters: %.1fM (%s)", n_params / 1e6,
+                 ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.2f}M" for k, v in state.params.items()))
+
     if start:
-        abstract = common.abstract_like(_checkpoint_tree(state),
-                                        par.replicated if par.mode == "sharded" else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        tree, meta = ckpt.restore(start, abstract)
-        state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                              ema_params=tree["ema_params"])
+        with phases("restore"):
+            abstract = common.abstract_like(_checkpoint_tree(state), par.replicated if par.mode == "sharded"
+                                            else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            tree, meta = ckpt.restore(start, abstract)
+            state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                                  ema_params=tree["ema_params"])
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     if start >= total:
         logging.info("run already complete (%d/%d steps)", start, total)
@@ -314,8 +341,9 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     consts = {"text_features": text_features}
     if expert_run is not None:
         consts["expert"] = expert_run.variables
-    state = par.put_replicated(state)
-    dev_data, consts = par.put_replicated((train_data, consts))
+    with phases("placement"):
+        state = par.put_replicated(state)
+        dev_data, consts = par.put_replicated((train_data, consts))
 
     loss_fn = make_loss_fn(model, config, schedule, expert)
     if hooks["make_draw"] is not None:
@@ -324,11 +352,10 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
         draw = make_draw_fn(config, num_examples=num_train, null_label=labels.null_label)
     step_fn = make_train_step(loss_fn, draw, par, lr_fn=lr_fn, ema_decay=ema_decay)
 
-    summary = {"workdir": str(workdir), "total_steps": total, "start_step": start}
+    summary = {"workdir": str(workdir), "total_steps": total, "start_step": start, "setup_s": phases.times}
     if start < total:
-        t0 = time.perf_counter()
-        step_fn = step_fn.lower(state, dev_data, consts).compile()
-        logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
+        with phases("compile"):
+            step_fn = step_fn.lower(state, dev_data, consts).compile()
         summary.update(_loop(config, workdir, par, state, step_fn, (dev_data, consts),
                              ckpt, start=start, total=total, spe=spe))
     ckpt.close()

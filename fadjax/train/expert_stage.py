@@ -129,36 +129,51 @@ def train(config, workdir) -> dict:
     from fadjax.runs import module_spec
 
     t_start = time.time()
+    phases = common.Phases("expert")
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     common.log_topology()
     par = common.make_parallel(config, config.train.batch_size)
-    ds = inputs.load_dataset(config, workdir)
-    train_idx, val_idx = inputs.load_split(config, workdir, ds)
+    with phases("data"):
+        ds = inputs.load_dataset(config, workdir)
+        train_idx, val_idx = inputs.load_split(config, workdir, ds)
     K = len(ds.class_names)
-    module, variables = build_expert_module(config, K)
-    if variables is None:
-        from fadjax.models import expert as expert_lib
-        variables = expert_lib.init_expert(module, jax.random.fold_in(jax.random.key(config.seed), 1),
-                                           image_size=config.data.image_size, in_channels=config.data.channels)
     num_train = len(train_idx)
     spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
     total = common.run_length(config.train, spe)
     lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe, total_steps=total)
-    state = common.TrainState.create(apply_fn=None, params=variables["params"], tx=common.make_optimizer(config.optim, lr_fn),
-                                     batch_stats=variables.get("batch_stats"))
-    logging.info("expert %s: %.2fM parameters, %d classes, %d train / %d val images", config.expert.arch,
-                 sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, K, num_train, len(val_idx))
-
+    tx = common.make_optimizer(config.optim, lr_fn)
     ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     best = common.Checkpointer(workdir / "best", keep=1, best_mode="max")
     start = common.agreed_step(ckpt.latest_step() or 0)
+    with phases("init"):
+        module, variables = build_expert_module(config, K)
+
+        def make_state(v):
+            return common.TrainState.create(apply_fn=None, params=v["params"], tx=tx, batch_stats=v.get("batch_stats"))
+
+        def fresh():
+            from fadjax.models import expert as expert_lib
+            return make_state(expert_lib.init_expert(module, jax.random.fold_in(jax.random.key(config.seed), 1),
+                                                     image_size=config.data.image_size, in_channels=config.data.channels))
+
+        # Parameters and optimizer state in one compiled program (eagerly, one dispatch per leaf); a
+        # resumed run needs only their shapes.
+        if variables is None:
+            state = jax.eval_shape(fresh) if start else common.run_init(fresh)
+        else:
+            state = jax.block_until_ready(jax.jit(make_state)(variables))
+    logging.info("expert %s: %.2fM parameters, %d classes, %d train / %d val images", config.expert.arch,
+                 sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, K, num_train, len(val_idx))
+
     best_acc = -1.0
     if start:
-        tree, _ = ckpt.restore(start, common.abstract_like(_tree(state), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-        state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                              opt_state=tree["opt_state"])
+        with phases("restore"):
+            tree, _ = ckpt.restore(start, common.abstract_like(
+                _tree(state), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+            state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+                                  opt_state=tree["opt_state"])
         if best.best_step() is not None:
             best_acc = float(best.restore(best.best_step())[1].get("val_accuracy", -1.0))
         logging.info("resumed from step %d (best validation accuracy so far %.4f)", start, best_acc)
@@ -170,8 +185,9 @@ def train(config, workdir) -> dict:
             "expert_module": module_spec(module), "num_train": num_train, "num_val": len(val_idx),
             "steps_per_epoch": spe, "total_steps": total, "versions": common.versions()})
 
-    state = par.put_replicated(state)
-    dev_images, dev_labels = par.put_replicated((ds.images[train_idx], ds.labels[train_idx].astype(np.int32)))
+    with phases("placement"):
+        state = par.put_replicated(state)
+        dev_images, dev_labels = par.put_replicated((ds.images[train_idx], ds.labels[train_idx].astype(np.int32)))
     step_fn = make_train_step(module, config, par, num_examples=num_train, lr_fn=lr_fn)
     predict = make_predict(module)
     val_images, val_labels = ds.images[val_idx], ds.labels[val_idx].astype(np.int64)
@@ -183,9 +199,8 @@ def train(config, workdir) -> dict:
     eval_every = max(1, int(t.eval_every_epoch)) * spe
     timer = common.Timer()
     if start < total:
-        c0 = time.perf_counter()
-        step_fn = step_fn.lower(state, dev_images, dev_labels).compile()
-        logging.info("expert train step compiled in %.1fs", time.perf_counter() - c0)
+        with phases("compile"):
+            step_fn = step_fn.lower(state, dev_images, dev_labels).compile()
     try:
         while step < total:
             state, m = step_fn(state, dev_images, dev_labels)
@@ -230,4 +245,4 @@ def train(config, workdir) -> dict:
         ckpt.close()
         best.close()
     return {"workdir": str(workdir), "final_step": step, "best_val_accuracy": best_acc,
-            "last_metrics": last, "wall_s": time.time() - t_start}
+            "last_metrics": last, "setup_s": phases.times, "wall_s": time.time() - t_start}

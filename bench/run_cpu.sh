@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One CPU benchmark job: fadjax's benchmark and the PyTorch peer's --quick mode, same shapes, same job.
+#
+#   bash bench/run_cpu.sh            # from the repo root; needs torch, diffusers, transformers (the test extra)
+#
+# The peer's --quick mode is its U-Net at block widths 32,64,128 (4 heads, context 32) on 64x64x1 images,
+# a ResNet50-layout expert at 1/4 width (torchvision's full ResNet50 when torchvision is installed) and a
+# 2-layer CLIP text encoder; it times fp32 train steps at batch 4 and 64 and U-Net calls at batch 1 and 8.
+# Ours runs the same U-Net shape (configs/feature_aligned.py with three overrides) with a ResNet50 expert
+# at stem width 16 (stage widths 64..512, the peer's fallback expert's). Our lines come first, then the
+# peer's, all in $OUT/bench.jsonl; the tables in $OUT/summary.md.
+set -u
+OUT=${OUT:-/tmp/fadjax_bench_cpu}
+PEER=${PEER:-../shared/peers/torch_reference_step.py}
+mkdir -p "$OUT"
+JSONL=$OUT/bench.jsonl
+LOG=$OUT/bench.log
+: >"$JSONL"
+T0=$SECONDS
+export JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
+log() { echo "[+$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
+log "bench/run_cpu.sh: out $OUT, commit $(git rev-parse --short HEAD 2>/dev/null), $(nproc) cores"
+
+QUICK="--config configs/feature_aligned.py --config.model.block_out_channels 32,64,128
+  --config.model.cross_attention_dim 32 --config.model.attention_head_dim 4 --expert_arch resnet50 --expert_width 16
+  --dtype float32 --jsonl $JSONL"
+ours() { log "ours: $*"; python -m fadjax.bench $QUICK "$@" >>"$LOG" 2>&1 || log "failed rc=$?"; }
+
+# The peer's --quick set: fp32 train steps at batch 4 and 64 (3 warm-up + 2 timed steps), U-Net calls at
+# batch 1 and 8 (3 timed). Ours: the same, plus the baseline step (the alignment's cost).
+ours --what train_step --batch 4 --warmup 1 --iters 2 --repeats 2
+ours --what train_step --batch 64 --warmup 1 --iters 1 --repeats 2
+ours --what baseline_step --batch 64 --warmup 1 --iters 1 --repeats 2
+ours --what sample --batch 1 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
+ours --what sample --batch 8 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
+
+if [ -f "$PEER" ]; then
+  log "peer: python3 $PEER --quick"
+  python3 "$PEER" --quick >"$OUT/peer.out" 2>&1 || log "peer failed rc=$?"
+  grep '^{' "$OUT/peer.out" >>"$JSONL"
+  cat "$OUT/peer.out" >>"$LOG"
+  rm -f "$OUT/peer.out"
+else
+  log "no peer at $PEER"
+fi
+python3 bench/summarise.py "$JSONL" >"$OUT/summary.md" 2>>"$LOG"
+log "done in $((SECONDS - T0))s"
+cat "$OUT/summary.md"
