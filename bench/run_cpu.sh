@@ -29,8 +29,8 @@ ours() { log "ours: $*"; python -m fadjax.bench $QUICK "$@" >>"$LOG" 2>&1 || log
 # The peer's --quick set: fp32 train steps at batch 4 and 64 (3 warm-up + 2 timed steps), U-Net calls at
 # batch 1 and 8 (3 timed). Ours: the same, plus the baseline step (the alignment's cost).
 ours --what train_step --batch 4 --warmup 1 --iters 2 --repeats 2
-ours --what train_step --batch 64 --warmup 1 --iters 1 --repeats 2
-ours --what baseline_step --batch 64 --warmup 1 --iters 1 --repeats 2
+ours --what train_step --batch 64 --warmup 0 --iters 1 --repeats 2
+ours --what baseline_step --batch 64 --warmup 0 --iters 1 --repeats 2
 ours --what sample --batch 1 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
 ours --what sample --batch 8 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
 

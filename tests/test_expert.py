@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fadjax.models import expert
+from fadjax.models import expert, weights
 
 X = np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32)  # [B, H, W, C] in [0, 1]
 
@@ -183,11 +183,11 @@ def test_hub_download_only_for_hub_ids(monkeypatch, r18):
         return str(folder)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    expert.resolve_checkpoint_dir(folder, allow_patterns=["config.json"])
+    weights.resolve_checkpoint_dir(folder, allow_patterns=["config.json"])
     with pytest.raises(FileNotFoundError):
-        expert.resolve_checkpoint_dir("/no/such/dir", allow_patterns=["config.json"])
+        weights.resolve_checkpoint_dir("/no/such/dir", allow_patterns=["config.json"])
     assert calls == []
-    assert expert.resolve_checkpoint_dir("microsoft/resnet-50", allow_patterns=["config.json"]) == str(folder)
+    assert weights.resolve_checkpoint_dir("microsoft/resnet-50", allow_patterns=["config.json"]) == str(folder)
     assert calls == [("microsoft/resnet-50", ["config.json"])]
 
     def failing_download(repo_id, allow_patterns):
@@ -253,3 +253,21 @@ def test_vit_b16_defaults():
     assert (module.patch_size, module.dim, module.depth, module.num_heads, module.mlp_dim) == (16, 768, 12, 12, 3072)
     with pytest.raises(ValueError, match="unknown expert"):
         expert.build_expert("resnet_tiny", num_classes=2)
+
+
+def test_sharded_safetensors_and_diffusers_names(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"a": np.ones((2,), np.float16)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": np.arange(3, dtype=np.int64)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    files = weights.find_weights(tmp_path, allow_pickle=False)
+    assert [os.path.basename(f) for f in files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    tensors = weights.read_weights(files)
+    assert tensors["a"].dtype == np.float32 and tensors["b"].dtype == np.int64  # Floats as float32, ints kept.
+    assert "model-*.safetensors" in weights.TRANSFORMERS.patterns  # Shards are downloaded from a hub id.
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        weights.find_weights(tmp_path, allow_pickle=False, names=weights.DIFFUSERS)
+    assert not weights.is_hub_id("./org/name") and weights.is_hub_id("org/name")

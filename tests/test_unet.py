@@ -263,21 +263,26 @@ def test_init_params_dtypes_and_image_size_check():
     assert unet_lib.ATTENTION_IMPLEMENTATIONS["auto"] is None
 
 
-def test_chunked_attention_matches_full_attention_and_its_gradients():
+@pytest.mark.parametrize("min_queries, max_elements, blocks", [
+    (1, 4 * 3 * 40 * 16, (4, 16)),   # Blocks of 16 queries (a divisor of 48), the whole batch: 3 blocks.
+    (48, 2 * 3 * 48 * 40, (2, 48)),  # Every query of 2 batch items: 2 groups.
+    (24, 2 * 3 * 24 * 40, (2, 24)),  # 2 groups of 2 items, each 2 blocks of 24 queries.
+])
+def test_chunked_attention_matches_full_attention_and_its_gradients(monkeypatch, min_queries, max_elements, blocks):
+    monkeypatch.setattr(unet_lib, "MIN_QUERY_BLOCK", min_queries)
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(k1, (2, 48, 3, 8))
-    k, v = jax.random.normal(k2, (2, 40, 3, 8)), jax.random.normal(k3, (2, 40, 3, 8))
-    # 2*3*40*16 elements: blocks of 16 queries (a divisor of 48), three of them.
+    q = jax.random.normal(k1, (4, 48, 3, 8))
+    k, v = jax.random.normal(k2, (4, 40, 3, 8)), jax.random.normal(k3, (4, 40, 3, 8))
+    assert unet_lib._blocks(q.shape, 40, max_elements) == blocks
+    chunked = functools.partial(unet_lib.chunked_attention, max_elements=max_elements)
     loss = {name: (lambda q, k, v, f=f: jnp.sum(jnp.sin(f(q, k, v)))) for name, f in {
-        "full": functools.partial(jax.nn.dot_product_attention, implementation="xla"),
-        "chunked": functools.partial(unet_lib.chunked_attention, max_elements=2 * 3 * 40 * 16)}.items()}
+        "full": functools.partial(jax.nn.dot_product_attention, implementation="xla"), "chunked": chunked}.items()}
     np.testing.assert_allclose(loss["chunked"](q, k, v), loss["full"](q, k, v), rtol=1e-5)
     for a, b in zip(jax.grad(loss["chunked"], (0, 1, 2))(q, k, v), jax.grad(loss["full"], (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    hlo = jax.jit(functools.partial(unet_lib.chunked_attention, max_elements=2 * 3 * 40 * 16)).lower(q, k, v).as_text()
-    assert "while" in hlo  # Blocks of queries, one after the other ...
-    hlo = jax.jit(unet_lib.chunked_attention).lower(q, k, v).as_text()
-    assert "while" not in hlo  # ... unless one block holds them all.
+    assert "while" in jax.jit(chunked).lower(q, k, v).as_text()  # Blocks, one after the other ...
+    assert "while" not in jax.jit(functools.partial(unet_lib.chunked_attention, max_elements=4 * 3 * 48 * 40)).lower(
+        q, k, v).as_text()  # ... unless one block holds them all.
 
 
 def test_auto_attention_chunks_only_large_score_tensors(monkeypatch):
@@ -290,11 +295,14 @@ def test_auto_attention_chunks_only_large_score_tensors(monkeypatch):
             jax.eval_shape(lambda p: UNet(config, attention=attention).apply({"params": p}, x, t, context), params)
         return dict(counts)
 
-    # 3 levels x (1 down + 2 up) transformer blocks, each with self- and cross-attention: 18 calls.
+    # 3 levels x (1 down + 2 up) transformer blocks, each with self- and cross-attention: 18 calls, whose
+    # scores fit one CPU block: XLA, also when 'chunked' is asked for.
     assert calls("auto") == {"xla": 18}
-    assert calls("chunked") == {"chunked": 18}
-    # Batch 2 x 2 heads x 256 x 256 self-attention scores at 16x16 (the largest): chunked above the line.
-    monkeypatch.setattr(unet_lib, "AUTO_CHUNK_ABOVE", 2 * 2 * 256 * 256 - 1)
+    assert calls("chunked") == {"xla": 18}
+    # Batch 2 x 2 heads x 256 x 256 self-attention scores at 16x16 (the largest): chunked above one block.
+    monkeypatch.setattr(unet_lib, "CPU_CHUNK_ELEMENTS", 2 * 2 * 256 * 256 - 1)
     assert calls("auto") == {"chunked": 3, "xla": 15}
+    assert calls("chunked") == {"chunked": 3, "xla": 15}
+    assert calls("xla") == {"xla": 18}
     with pytest.raises(ValueError, match="needs a GPU"):
         calls("cudnn")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fadjax.models import expert
+from fadjax.models import weights
 
 MODES = ("class_embed", "clip")
 _TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -100,18 +100,17 @@ def compute_clip_text_features(
     """
     import transformers  # pylint: disable=import-outside-toplevel
 
-    directory = expert.resolve_checkpoint_dir(
+    directory = weights.resolve_checkpoint_dir(
         clip_path,
-        allow_patterns=["config.json", "model.safetensors*"]
-        + _TOKENIZER_FILES
-        + ([expert.PICKLE_FILE] if allow_pickle else []),
+        allow_patterns=["config.json"] + weights.TRANSFORMERS.patterns + _TOKENIZER_FILES
+        + ([weights.TRANSFORMERS.pickle] if allow_pickle else []),
     )
-    files = expert.find_weights(directory, allow_pickle=allow_pickle)
+    files = weights.find_weights(directory, allow_pickle=allow_pickle)
     config = transformers.CLIPConfig.from_pretrained(directory)
     if config.model_type != "clip":
         raise ValueError(f"{directory} is not a CLIP checkpoint (model_type={config.model_type!r})")
     model = transformers.FlaxCLIPModel(config, _do_init=False, dtype=jnp.float32)
-    params = _clip_params(model, expert.read_weights(files), directory)
+    params = _clip_params(model, weights.read_weights(files), directory)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(directory)
     tokens = tokenizer(
         list(texts),

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fadjax.models import weights
+
 # PyTorch BatchNorm2d defaults: momentum 0.1 weighs the new batch, i.e. 0.9 on the running average.
 _BN_MOMENTUM = 0.9
 _BN_EPS = 1e-5
@@ -351,102 +353,6 @@ def feature_dim(module: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Local / hub checkpoint folders (shared by every loader of outside weights).
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-PICKLE_FILE = "pytorch_model.bin"
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike, *, allow_patterns: Sequence[str]) -> str:
-    """A local checkpoint folder for `path`, downloading it only when it is a hub id.
-
-    Args:
-      path: A local folder, or a hub id "org/name" that is not a local path.
-      allow_patterns: File patterns to download from the hub (only used for hub ids).
-
-    Returns:
-      The local folder.
-
-    Raises:
-      FileNotFoundError: `path` is neither an existing folder nor a hub id, or the download failed.
-    """
-    text = os.fspath(path)
-    if os.path.isdir(text):
-        return text
-    if os.path.exists(text):
-        raise FileNotFoundError(f"{text} is a file; expected a checkpoint folder (config.json + weights)")
-    if _HUB_ID.fullmatch(text) and not text.startswith("."):
-        import huggingface_hub  # pylint: disable=import-outside-toplevel
-
-        logging.info("%s is not a local folder: downloading it from the Hugging Face hub", text)
-        try:
-            return huggingface_hub.snapshot_download(repo_id=text, allow_patterns=list(allow_patterns))
-        except Exception as e:  # network, auth or missing repo: say what was tried
-            raise FileNotFoundError(
-                f"{text!r} is not a local folder and could not be fetched from the Hugging Face hub: {e}"
-            ) from e
-    raise FileNotFoundError(f"checkpoint folder {text} does not exist (and is not a hub id 'org/name')")
-
-
-def find_weights(directory: str, *, allow_pickle: bool) -> list[str]:
-    """The weight files of a transformers-style folder, refusing pickles unless allowed.
-
-    Args:
-      directory: Checkpoint folder.
-      allow_pickle: Accept `pytorch_model.bin` when there is no safetensors file.
-
-    Returns:
-      Paths: one `model.safetensors`, the shards of `model.safetensors.index.json`, or
-      `pytorch_model.bin`.
-
-    Raises:
-      FileNotFoundError: config.json or the weights are missing.
-      ValueError: only a pickled `pytorch_model.bin` is there and `allow_pickle` is False.
-    """
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(f"no config.json in {directory}")
-    single = os.path.join(directory, SAFETENSORS_FILE)
-    if os.path.isfile(single):
-        return [single]
-    index = os.path.join(directory, SAFETENSORS_INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(directory, s) for s in shards]
-    pickled = os.path.join(directory, PICKLE_FILE)
-    if os.path.isfile(pickled):
-        if not allow_pickle:
-            raise ValueError(
-                f"{pickled} is a pickled PyTorch checkpoint; unpickling can run arbitrary code, so it is refused. "
-                f"Convert it to {SAFETENSORS_FILE} (e.g. save_pretrained(..., safe_serialization=True)) or pass "
-                "allow_pickle=True if you trust the file (needs torch)."
-            )
-        return [pickled]
-    raise FileNotFoundError(f"no weights in {directory}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}")
-
-
-def read_weights(files: Sequence[str]) -> dict[str, np.ndarray]:
-    """Reads weight files from `find_weights` into numpy (floats as float32); torch only for a .bin."""
-    tensors = {}
-    for file in files:
-        if file.endswith(".safetensors"):
-            from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-
-            tensors.update(load_file(file))
-        else:
-            try:
-                import torch  # pylint: disable=import-outside-toplevel
-            except ImportError as e:
-                raise ImportError(f"reading the pickled {file} needs PyTorch; install torch or convert it to "
-                                  "safetensors") from e
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            tensors.update({k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()})
-    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
-
-
-# ----------------------------------------------------------------------------------------------
 # transformers ResNet -> ResNet.
 
 _BN_LEAVES = {
@@ -531,10 +437,10 @@ def from_pretrained(
       ValueError: pickled weights without `allow_pickle`, a non-ResNet config, or checkpoint
         tensors that do not match the model (unused, missing or mis-shaped keys are listed).
     """
-    directory = resolve_checkpoint_dir(
-        path, allow_patterns=["config.json", "model.safetensors*"] + ([PICKLE_FILE] if allow_pickle else [])
-    )
-    files = find_weights(directory, allow_pickle=allow_pickle)
+    directory = weights.resolve_checkpoint_dir(
+        path, allow_patterns=["config.json"] + weights.TRANSFORMERS.patterns
+        + ([weights.TRANSFORMERS.pickle] if allow_pickle else []))
+    files = weights.find_weights(directory, allow_pickle=allow_pickle)
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     module = _resnet_from_config(config, num_classes=num_classes, head_hidden=head_hidden, dtype=dtype)
@@ -550,7 +456,7 @@ def from_pretrained(
     }
     variables: dict[str, Any] = {}
     unused, mismatched, dropped = [], [], []
-    for key, value in read_weights(files).items():
+    for key, value in weights.read_weights(files).items():
         key = key.removeprefix("resnet.")
         if key.startswith("classifier.") or key.endswith("num_batches_tracked"):
             dropped.append(key)

@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "model.block_out_channels": "64,128",  # Two of tiny-sd's three levels, at 1/5 of its width.
             "model.attention_head_dim": 4,        # Heads per block (tiny-sd: 8).
             "model.cross_attention_dim": 256,     # Context width (tiny-sd: 768).
-            "model.attention": "cudnn",           # cuDNN flash attention (XLA would materialise 4096^2 scores).
+            # model.attention stays 'auto': cuDNN flash attention on a GPU in bf16, XLA or chunked elsewhere.
             "align.unet_feature": "down_1_shortcut",  # Last down block's first-resnet shortcut (tiny-sd: down_2_...).
             "train.batch_size": 128,              # Paper 4.
             "train.num_epochs": None,             # Run length in steps instead ...
