@@ -74,7 +74,7 @@ CFG=${BENCH_CONFIG:-configs/feature_aligned.py}
 BENCH="python3 -m fadjax.bench --config $CFG --jsonl $JSONL ${BENCH_EXTRA:-}"
 
 # 1. Feature-aligned step, baseline step and bf16 sampling (50 steps), batch 64, bf16, cuDNN attention.
-part ours_all_bf16_b64 190 60 $BENCH --what all --batch 64 --dtype bfloat16 --attention cudnn --steps 50
+part ours_all_bf16_b64 190 60 $BENCH --what all --batch 64 --dtype bfloat16 --attention cudnn --steps 50 --sampler ddim
 
 # 2. The peer's headline figures: bf16 b64 with torch.compile and eager, and 1-image sampling.
 peer_part peer_core 130 70 core
@@ -83,7 +83,7 @@ peer_part peer_core 130 70 core
 part ours_f32_b4 75 45 $BENCH --what train_step --batch 4 --dtype float32 --attention xla
 
 # 4. Sampling as the reference measured it: float32, batch 70, 50 steps.
-part ours_sample_f32_b70 60 40 $BENCH --what sample --batch 70 --dtype float32 --steps 50
+part ours_sample_f32_b70 60 40 $BENCH --what sample --batch 70 --dtype float32 --steps 50 --sampler ddim
 
 # 5. The peer's other figures: fp32 batch 4 and 64 (eager) and batch-70 sampling.
 peer_part peer_rest 90 50 rest

@@ -77,7 +77,7 @@ def test_summarise(tmp_path):
          "compile_s": 60.0, **env},
         {"what": "train_step", "batch": 4, "dtype": "float32", "attention": "xla", "img_per_s": 90.3, **env},
         {"what": "sample", "batch": 70, "dtype": "float32", "attention": "xla", "img_per_s": 14.0,
-         "img_per_s_at_1000_steps": 0.7, "steps": 50, "sampler": "ddpm", **env},
+         "img_per_s_at_1000_steps": 0.7, "steps": 50, "sampler": "ddim", **env},
         {"what": "skipped", "part": "ours_max_batch"},
     ]
     peer = [
