@@ -61,6 +61,20 @@ def agreed_step(step: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(step)))
 
 
+def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
+    """Blocks until every process reaches ``name`` (the coordination service's barrier; no collective).
+
+    Called once a train step is compiled: the step's first collective sets up CPU (Gloo) communication
+    with a 30 s deadline, which a process still compiling on a loaded machine can miss.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # The client of jax.distributed.initialize (no public handle).
+    client = getattr(distributed.global_state, "client", None)
+    if client is not None:
+        client.wait_at_barrier(f"fadjax_{name}", timeout_in_ms=int(timeout_s * 1000))
+
+
 # ----------------------------------------------------------------------------- devices
 
 @dataclasses.dataclass
