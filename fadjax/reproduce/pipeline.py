@@ -289,7 +289,7 @@ def train_task(name: str, config, workdir: pathlib.Path, deps: dict[str, str]) -
 
     def run():
         s = train_lib.run(config, workdir)
-        return {k: s.get(k) for k in ("final_step", "total_steps", "best_val_accuracy", "start_step") if k in s}
+        return {k: s.get(k) for k in ("final_step", "total_steps", "best_val_accuracy", "start_step", "setup_s") if k in s}
 
     return Task(f"train/{name}", tuple(deps), fingerprint({"config": _training_dict(config), "deps": deps}),
                 lambda: training_complete(workdir, expert=expert), run, what)
