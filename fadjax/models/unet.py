@@ -106,9 +106,12 @@ def chunked_attention(q, k, v, *, max_elements: int | None = None):
     Returns:
       [B, T, N, H].
     """
+    return _attend_in_blocks(q, k, v, *_blocks(q.shape, k.shape[1], max_elements or _chunk_elements()))
+
+
+def _attend_in_blocks(q, k, v, items: int, queries: int):
+    """XLA attention in groups of `items` batch items, each `queries` queries at a time (see `_blocks`)."""
     b, t, n, h = q.shape
-    s = k.shape[1]
-    items, queries = _blocks(q.shape, s, max_elements or _chunk_elements())
     if (items, queries) == (b, t):
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
@@ -147,16 +150,16 @@ def record_attention():
 def attention(q, k, v, implementation: str | None):
     """Dot-product attention by `implementation` (see `resolve_attention`); q [B, T, N, H], k, v [B, S, N, H]."""
     b, t, n, _ = q.shape
-    scores = b * n * t * k.shape[1]
     if implementation is None:
         above = CPU_CHUNK_ELEMENTS if jax.default_backend() == "cpu" else AUTO_CHUNK_ABOVE
-        implementation = "chunked" if scores > above else "xla"
-    if implementation == "chunked" and _blocks(q.shape, k.shape[1], _chunk_elements()) == (b, t):
+        implementation = "chunked" if b * n * t * k.shape[1] > above else "xla"
+    blocks = _blocks(q.shape, k.shape[1], _chunk_elements()) if implementation == "chunked" else None
+    if blocks == (b, t):
         implementation = "xla"  # One block holds every query: what runs is plain XLA attention.
     for counts in _RECORDERS:
         counts[implementation] += 1
     if implementation == "chunked":
-        return chunked_attention(q, k, v)
+        return _attend_in_blocks(q, k, v, *blocks)
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 # diffusers config.json keys that never change the math, whatever their value. `upcast_attention` only
@@ -500,7 +503,7 @@ class UNet(nn.Module):
       config: the architecture.
       dtype: compute dtype (params stay float32).
       attention: 'auto' ('cudnn' on a GPU in fp16/bf16, else XLA or, for calls whose scores would pass
-        `AUTO_CHUNK_ABOVE` elements, 'chunked'), 'cudnn' (cuDNN flash attention for self-attention; GPU,
+        `CPU_CHUNK_ELEMENTS` on a CPU or `AUTO_CHUNK_ABOVE` elsewhere, 'chunked'), 'cudnn' (cuDNN flash attention for self-attention; GPU,
         fp16/bf16 only; cross-attention then uses XLA, since cuDNN rejects the gradient of a 1-token key
         sequence), 'xla' (scores materialised) or 'chunked' (`chunked_attention`: bounded memory, any backend).
     """

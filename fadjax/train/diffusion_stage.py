@@ -356,7 +356,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     if start < total:
         with phases("compile"):
             step_fn = step_fn.lower(state, dev_data, consts).compile()
-            common.wait_for_all_processes("diffusion_step_compiled")
+        common.wait_for_all_processes("diffusion_step_compiled")  # Outside "compile": a wait, not compiling.
         summary.update(_loop(config, workdir, par, state, step_fn, (dev_data, consts),
                              ckpt, start=start, total=total, spe=spe))
     ckpt.close()

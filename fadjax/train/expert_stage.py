@@ -201,7 +201,7 @@ def train(config, workdir) -> dict:
     if start < total:
         with phases("compile"):
             step_fn = step_fn.lower(state, dev_images, dev_labels).compile()
-            common.wait_for_all_processes("expert_step_compiled")
+        common.wait_for_all_processes("expert_step_compiled")  # Outside "compile": a wait, not compiling.
     try:
         while step < total:
             state, m = step_fn(state, dev_images, dev_labels)
