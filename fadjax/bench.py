@@ -249,14 +249,14 @@ def _make_step(config, model, expert, labels, *, num_examples: int):
     from fadjax.train import common, diffusion_stage
     batch = config.train.batch_size
     spe = pipeline.steps_per_epoch(num_examples, batch)
-    lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe,
-                                    total_steps=common.run_length(config.train, spe))
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
     loss_fn = diffusion_stage.make_loss_fn(model, config, schedule, expert)
     draw = diffusion_stage.make_draw_fn(config, num_examples=num_examples, null_label=labels.null_label)
     step_fn = diffusion_stage.make_train_step(loss_fn, draw, common.make_parallel(config, batch),
-                                              lr_fn=lr_fn, ema_decay=config.train.ema_decay)
-    return step_fn, common.make_optimizer(config.optim, lr_fn)
+                                              schedule=config.optim.schedule,
+                                              ema_warmup=bool(config.train.get("ema_warmup", False)))
+    hp = diffusion_stage.step_hparams(config, steps_per_epoch=spe, total_steps=common.run_length(config.train, spe))
+    return step_fn, common.make_optimizer(config.optim), hp
 
 
 def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int | None = None,
@@ -315,7 +315,7 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
     def make_step(c):
         return _make_step(c, build.build_diffusion_model(c, labels), expert, labels, num_examples=n)
 
-    step_fn, tx = _make_step(config, model, expert, labels, num_examples=n)
+    step_fn, tx, consts["hp"] = _make_step(config, model, expert, labels, num_examples=n)
     ema_decay = config.train.ema_decay
 
     @jax.jit

@@ -24,6 +24,7 @@ EXPERT_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "vit_b16")
 COND_MODES = ("class_embed", "clip")
 EXPERT_INPUTS = ("noisy", "clean")
 SAMPLERS = ("ddpm", "ddim")
+DATA_RANGES = ("[0,1]", "[-1,1]")  # fadjax.diffusion.DATA_RANGES
 ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.unet.ATTENTION_IMPLEMENTATIONS
 
 
@@ -135,6 +136,11 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     c.model.attention_head_dim = placeholder(int)  # Override of the number of heads; None = preset's.
     c.model.cross_attention_dim = placeholder(int)  # Override of the context width; None = preset's.
     c.model.norm_num_groups = placeholder(int)  # Override of GroupNorm groups; None = preset's.
+    # Levels (0 = the first, full-resolution one) whose blocks carry the transformer (self- and
+    # cross-attention, through which the class conditioning enters), e.g. "2" or "1,2";
+    # None = every level (tiny-sd). The other levels use plain ResNet blocks (DownBlock2D/UpBlock2D).
+    c.model.attention_levels = placeholder(str)
+    c.model.layers_per_block = placeholder(int)  # Override of ResNet layers per block; None = preset's (1).
     c.model.pretrained = placeholder(str)  # Local diffusers U-Net folder or hub id ("segmind/tiny-sd").
     c.model.attention = "auto"  # "auto", "cudnn" (fused flash attention on GPU), "xla" or "chunked" (bounded memory).
 
@@ -149,6 +155,10 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     c.diffusion.beta_schedule = "squaredcos_cap_v2"  # The paper's cosine schedule.
     c.diffusion.max_train_timestep = 999  # t ~ U{0, ..., max-1}; the reference never draws 999.
     c.diffusion.loss_weight = 1.0  # w1: weight of the noise-prediction MSE.
+    # Range the images are diffused in: "[0,1]" as the reference code feeds them, or "[-1,1]" (the
+    # usual DDPM practice, matching the samplers' clip of the predicted x0 to [-1, 1]). Data and
+    # samples stay in [0, 1] outside the model; the expert always sees its own [0, 1] range.
+    c.diffusion.data_range = "[0,1]"
 
     c.align = ml_collections.ConfigDict()
     c.align.enabled = align  # Feature alignment on (False = the baseline).
@@ -167,6 +177,9 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     c.train.log_every = 50
     c.train.checkpoint_every = 2000
     c.train.ema_decay = placeholder(float)  # EMA of the parameters (e.g. 0.999); None = no EMA.
+    # EMA warm-up: the decay at step t is min(ema_decay, (1 + t) / (10 + t)), so a short run's EMA is
+    # not mostly its initialisation (False: the fixed decay from step 0).
+    c.train.ema_warmup = True
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddpm"  # "ddpm" (all training steps, the paper) or "ddim".
@@ -291,6 +304,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 < df.max_train_timestep <= df.num_train_timesteps, "diffusion.max_train_timestep",
            f"{df.max_train_timestep} must be in (0, {df.num_train_timesteps}]")
     _check(df.loss_weight >= 0, "diffusion.loss_weight", f"{df.loss_weight} must be >= 0")
+    _check(df.get("data_range", "[0,1]") in DATA_RANGES, "diffusion.data_range",
+           f"{df.get('data_range')!r} is not one of {DATA_RANGES}")
+    m = config.model
+    try:
+        levels = parse_int_list(m.get("attention_levels"))
+        channels = parse_int_list(m.block_out_channels)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    n_levels = len(channels) if channels else 3
+    _check(levels is None or all(0 <= v < n_levels for v in levels), "model.attention_levels",
+           f"{m.get('attention_levels')!r}: levels must be in 0..{n_levels - 1} ({n_levels} U-Net levels)")
+    _check(m.get("layers_per_block") is None or m.layers_per_block >= 1, "model.layers_per_block",
+           f"{m.get('layers_per_block')} must be >= 1")
     a = config.align
     _check(a.weight >= 0, "align.weight", f"{a.weight} must be >= 0")
     _check(a.expert_input in EXPERT_INPUTS, "align.expert_input", f"{a.expert_input!r} is not one of {EXPERT_INPUTS}")

@@ -93,3 +93,25 @@ def predict_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array)
     """Inverts ``q_sample`` for a predicted noise: ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
     abar = _per_example(schedule.alphas_cumprod, t, x_t.ndim)
     return (x_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+
+
+# Ranges images can be diffused in (config ``diffusion.data_range``). Data and samples are in [0, 1]
+# outside the model; "[-1,1]" maps them affinely to [-1, 1] for the diffusion process.
+DATA_RANGES = ("[0,1]", "[-1,1]")
+
+
+def _check_range(data_range: str) -> None:
+    if data_range not in DATA_RANGES:
+        raise ValueError(f"unknown data_range {data_range!r}; expected one of {DATA_RANGES}")
+
+
+def to_model_range(x: jax.Array, data_range: str) -> jax.Array:
+    """Images in [0, 1] -> the range they are diffused in."""
+    _check_range(data_range)
+    return x if data_range == "[0,1]" else 2.0 * x - 1.0
+
+
+def from_model_range(x: jax.Array, data_range: str) -> jax.Array:
+    """Inverse of :func:`to_model_range`: diffused images (or noisy ``x_t``) -> the [0, 1] scale."""
+    _check_range(data_range)
+    return x if data_range == "[0,1]" else 0.5 * (x + 1.0)

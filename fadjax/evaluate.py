@@ -1,7 +1,12 @@
-"""Judges generated images with the expert classifier (paper §V-D).
+"""Judges generated images with the expert classifier (paper §V-D), or a real test set.
 
     python -m fadjax.evaluate --generated gens/fad --expert_workdir runs/expert \
         --real folder:/path/to/tiles --out reports/fad
+    python -m fadjax.evaluate --expert_workdir runs/expert --real folder:/path/to/test_tiles --out reports/test
+
+Without ``--generated`` the expert judges every image of the ``--real`` source (a test set kept
+apart from training): ``OUT/metrics.json`` holds ``real_accuracy``, the accuracy per class and
+the confusion matrix, drawn in ``confusion_real.png`` (:func:`judge_real`).
 
 Writes ``OUT/metrics.json`` and ``confusion_generated.png``, ``confusion_real.png``,
 ``ssim.png``, ``grid.png`` plus ``real_examples.npz`` (real images per class, for ``report``).
@@ -244,9 +249,7 @@ def evaluate(generated_dir: str, expert, out: str, *, real: str | None = None, b
                                             "counts": cm_real.tolist()}},
         "real_examples": REAL_EXAMPLES,
     }
-    with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
-        json.dump(result, f, indent=1, default=_json_default)
-    os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+    _write_metrics(out, result)
 
     run_name = os.path.basename(os.path.normpath(generated_dir))
     plots.confusion(cm_gen, classes, expert.class_names, os.path.join(out, "confusion_generated.png"),
@@ -266,6 +269,56 @@ def evaluate(generated_dir: str, expert, out: str, *, real: str | None = None, b
     return result
 
 
+def judge_real(expert, real: str, out: str, *, batch_size: int = 64) -> dict:
+    """Classifies every image of the data source ``real`` with ``expert``; writes ``out/metrics.json``.
+
+    The images are read at the expert's own size and channels; their classes must be classes of
+    the expert (matched by name, so a test set may hold a subset of them).
+
+    Returns:
+      ``{'real_accuracy', 'per_class_accuracy', 'confusion', 'num_images', ...}``.
+
+    Raises:
+      ValueError: the source has classes the expert does not know (both lists named).
+    """
+    from fadjax import data
+    ds = data.load(real, image_size=expert.image_size, channels=expert.channels, progress=False)
+    unknown = [c for c in ds.class_names if c not in expert.class_names]
+    if unknown:
+        raise ValueError(f"the expert ({expert.workdir}) does not know the classes {unknown} of {real}: "
+                         f"expert classes {list(expert.class_names)}, test classes {list(ds.class_names)}")
+    os.makedirs(out, exist_ok=True)
+    true = np.array([expert.class_names.index(ds.class_names[y]) for y in ds.labels], np.int64)
+    logging.info("classifying %d real images of %s", len(true), real)
+    pred = classify(expert, ds.images, batch_size)
+    k = len(expert.class_names)
+    rows = [expert.class_names.index(c) for c in ds.class_names]
+    cm = metrics.confusion_matrix(true, pred, k)[rows]
+    result = {
+        "real_accuracy": metrics.accuracy(true, pred),
+        "per_class_accuracy": {c: metrics.accuracy(true[true == r], pred[true == r])
+                               for c, r in zip(ds.class_names, rows)},
+        "confusion": {"rows": list(ds.class_names), "cols": list(expert.class_names), "counts": cm.tolist()},
+        "num_images": int(len(true)),
+        "per_class_count": {c: int(np.sum(true == r)) for c, r in zip(ds.class_names, rows)},
+        "real": real,
+        "expert": {"workdir": os.path.abspath(str(expert.workdir)), "class_names": list(expert.class_names),
+                   "image_size": int(expert.image_size),
+                   "val_accuracy_checkpoint": None if expert.val_accuracy is None else float(expert.val_accuracy)},
+    }
+    _write_metrics(out, result)
+    plots.confusion(cm, list(ds.class_names), expert.class_names, os.path.join(out, "confusion_real.png"),
+                    title=f"Expert on {len(true)} real test images: accuracy {result['real_accuracy']:.3f}")
+    logging.info("real accuracy %.4f on %d images; wrote %s", result["real_accuracy"], len(true), out)
+    return result
+
+
+def _write_metrics(out: str, result: dict) -> None:
+    with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
+        json.dump(result, f, indent=1, default=_json_default)
+    os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+
+
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
@@ -274,9 +327,12 @@ def _json_default(o):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fadjax.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--generated", required=True, help="output folder of fadjax.sample")
+    p.add_argument("--generated", default=None,
+                   help="output folder of fadjax.sample; without it the expert judges the --real test set")
     p.add_argument("--expert_workdir", required=True, help="expert run folder")
-    p.add_argument("--real", default=None, help="data source of real images (default: the expert's data)")
+    p.add_argument("--real", default=None,
+                   help="data source of real images (default: the expert's data); without --generated, "
+                        "a test set to judge (required then), e.g. folder:/path/to/test_tiles")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch_size", type=int, default=64, help="expert batch size")
     return p.parse_args(argv)
@@ -284,10 +340,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.generated is None and not args.real:
+        raise SystemExit("python -m fadjax.evaluate: give --generated DIR (images to judge) or --real SOURCE "
+                         "(a real test set to judge)")
     logging.set_verbosity(logging.INFO)
     from fadjax.runs import load_expert_run
-    return evaluate(args.generated, load_expert_run(args.expert_workdir), args.out, real=args.real,
-                    batch_size=args.batch_size)
+    expert = load_expert_run(args.expert_workdir)
+    if args.generated is None:
+        return judge_real(expert, args.real, args.out, batch_size=args.batch_size)
+    return evaluate(args.generated, expert, args.out, real=args.real, batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,11 @@ class DiffusionRun:
         return self.labels.null_label
 
     @property
+    def data_range(self) -> str:
+        """The range the model diffuses images in (runs from before the field: "[0,1]")."""
+        return self.config.diffusion.get("data_range", "[0,1]")
+
+    @property
     def condition_labels(self) -> dict[str, int]:
         """Label to sample each class with (DreamBooth runs use their identifier row)."""
         out = {n: i for i, n in enumerate(self.labels.class_names)}

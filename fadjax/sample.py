@@ -26,6 +26,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
+from fadjax import diffusion as diffusion_lib
 from fadjax import sampling
 from fadjax.config_lib import parse_names, parse_seeds
 
@@ -137,7 +138,7 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
             shape=shape, seed=[s for s, _, _ in padded],
             image_ids=[run.class_names.index(c) * IMAGE_ID_STRIDE + i for _, c, i in padded],
             sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale, null_label=run.null_label)
-        images = sampling.to_uint8(x)
+        images = sampling.to_uint8(diffusion_lib.from_model_range(x, run.data_range))  # [0, 1] -> uint8
         for (s, c, i), img in zip(chunk, images):
             _write_png(os.path.join(out, rel(s, c, i)), img)
             remaining[s] -= 1

@@ -43,7 +43,7 @@ def fake_run(workdir, params=0.5):
     return types.SimpleNamespace(
         workdir=str(workdir), config=config, step=30, class_names=list(CLASSES), params=params, eps_fn=toy_eps,
         schedule=make_schedule(20), image_size=8, channels=1,
-        condition_labels={c: i for i, c in enumerate(CLASSES)}, null_label=None, used_ema=True)
+        condition_labels={c: i for i, c in enumerate(CLASSES)}, null_label=None, used_ema=True, data_range="[0,1]")
 
 
 def write_tiles(root, per_class=6, size=12, offset=0):
@@ -234,6 +234,18 @@ def test_end_to_end_with_trained_runs(tmp_path):
         assert m["accuracy"]["num_images"] == 20 and m["expert_validation"]["num_images"] == 10
         assert np.isfinite(m["ssim"]["real"]["overall"])
         reports.append(rep)
+    # Without --generated the expert judges a real test set (here demo images it never saw: indices 4..9).
+    real = evaluate_lib.main(["--expert_workdir", str(tmp_path / "expert"), "--real", "demo:10",
+                              "--out", str(tmp_path / "test")])
+    saved = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert saved["num_images"] == 50 and saved["per_class_count"] == {c: 10 for c in saved["confusion"]["rows"]}
+    counts = np.asarray(saved["confusion"]["counts"])
+    assert counts.sum() == 50 and saved["real_accuracy"] == pytest.approx(np.trace(counts) / 50)
+    assert real["real_accuracy"] == saved["real_accuracy"] and 0 <= saved["real_accuracy"] <= 1
+    assert set(saved["per_class_accuracy"]) == set(saved["confusion"]["rows"])
+    assert (tmp_path / "test" / "confusion_real.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--generated DIR"):
+        evaluate_lib.main(["--expert_workdir", str(tmp_path / "expert"), "--out", str(tmp_path / "x")])
     summary = report_lib.main(["--runs", *reports, "--out", str(tmp_path / "cmp")])
     assert summary["runs"]["ddpm"]["paired_difference_vs_baseline"]["n"] == 2
     assert (tmp_path / "cmp" / "loss_curves.png").stat().st_size > 0

@@ -1,7 +1,8 @@
-"""``python -m fadjax.reproduce``: the tiny preset end to end on the demo source (2 seeds), then the
+"""``python -m fadjax.reproduce``: the micro preset end to end on the demo source (2 seeds), then the
 same command again, which must skip every stage; presets, overrides, deviations and verdicts."""
 import json
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -23,10 +24,10 @@ XLA_CACHE = os.environ.get("FADJAX_TEST_XLA_CACHE", str(pathlib.Path.home() / ".
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The tiny preset with 2 seeds, in a fresh process (one CPU device, its own XLA flags)."""
-    out = tmp_path_factory.mktemp("reproduce") / "tiny"
-    argv = ["--preset", "tiny", "--out", str(out), "--seeds", "0-1", "--xla_cache", XLA_CACHE, "--jobs", "3"]
+def micro_run(tmp_path_factory):
+    """The micro preset with 2 seeds, in a fresh process (one CPU device, its own XLA flags)."""
+    out = tmp_path_factory.mktemp("reproduce") / "micro"
+    argv = ["--preset", "micro", "--out", str(out), "--seeds", "0-1", "--xla_cache", XLA_CACHE, "--jobs", "3"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": CPU_FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fadjax.reproduce", *argv], cwd=ROOT, env=env,
@@ -35,8 +36,8 @@ def tiny_run(tmp_path_factory):
     return out, argv, proc.stdout, time.perf_counter() - t
 
 
-def test_tiny_preset_end_to_end(tiny_run):
-    out, _, stdout, _ = tiny_run
+def test_micro_preset_end_to_end(micro_run):
+    out, _, stdout, _ = micro_run
     for m in MODELS:
         for folder in (f"runs/{m}/checkpoints", f"gens/{m}/seed_0", f"gens/{m}/seed_1"):
             assert (out / folder).is_dir(), folder
@@ -59,7 +60,7 @@ def test_tiny_preset_end_to_end(tiny_run):
     assert splits[0]["train"]["indices"] == splits[1]["train"]["indices"]
 
     s = json.loads((out / "summary.json").read_text())
-    assert s["preset"] == "tiny" and s["data"] == "demo:24" and s["paper_judge"] == "expert"
+    assert s["preset"] == "micro" and s["data"] == "demo:24" and s["paper_judge"] == "expert"
     assert s["seeds"] == [0, 1] and s["baseline"] == "baseline"
     assert s["judges"]["expert"]["arch"] != s["judges"]["judge2"]["arch"]
     for j in ("expert", "judge2"):
@@ -79,7 +80,9 @@ def test_tiny_preset_end_to_end(tiny_run):
                 assert pd["n"] == 2 and pd["ci_low"] <= pd["mean"] <= pd["ci_high"]
         assert 0.0 < r["ssim_real"] <= 1.0
     assert set(s["table_i_xt_minus_x0"]) == {"expert", "judge2"}
-    assert len(s["conclusions"]) == 6 and all("significant" in c for c in s["conclusions"])
+    assert len(s["conclusions"]) == 6
+    assert all(re.search(r"\]: (significant \(\S+ is (better|worse)\)|not significant \(no detectable difference\))", c)
+               for c in s["conclusions"]), s["conclusions"]
     assert any(d.startswith("data: demo:24") for d in s["deviations"])
     assert "sampling: 2 seeds 0-1 (paper: 15)" in s["deviations"]
     assert s["hardware"]["device_count"] >= 1 and s["hardware"]["device_kind"]
@@ -137,22 +140,22 @@ def test_execute_runs_after_dependencies_and_reports_the_first_error(tmp_path):
     assert not slow["complete"] and slow["wall_s"] > 0.1 and "interrupted" in slow
 
 
-def test_second_invocation_skips_every_stage(tiny_run):
-    out, argv, _, _ = tiny_run
+def test_second_invocation_skips_every_stage(micro_run):
+    out, argv, _, _ = micro_run
     t = time.perf_counter()
     s = reproduce_main(argv)
     assert time.perf_counter() - t < 30
-    assert s["preset"] == "tiny"
+    assert s["preset"] == "micro"
     last = json.loads((out / "stages.json").read_text())["invocations"][-1]
     assert last["ran"] == [] and len(last["skipped"]) == 15
 
 
-def test_changed_training_settings_are_refused(tiny_run):
-    out, argv, _, _ = tiny_run
+def test_changed_training_settings_are_refused(micro_run):
+    out, argv, _, _ = micro_run
     with pytest.raises(pipeline.ReproduceError, match=r"train\.num_steps: 4 \(there\) != 5 \(now\)"):
         reproduce_main(argv + ["--set", "diffusion.train.num_steps=5"])
     # Sampling settings are not training settings: other seeds only redo sampling onwards.
-    configs = presets.build("tiny", data=None, seeds="0-2", expert_workdir=str(out / "runs" / "expert"),
+    configs = presets.build("micro", data=None, seeds="0-2", expert_workdir=str(out / "runs" / "expert"),
                             cache_dir=str(out / "cache"))
     for name, c in configs.models.items():
         pipeline.check_workdir(out / "runs" / name, c)
@@ -184,7 +187,7 @@ def test_presets_resolve_and_list_their_deviations():
 
     o = presets.parse_overrides(["diffusion.model.block_out_channels=8,16", "judge2.expert.arch=resnet18",
                                  "fad_xt.align.weight=0.5", "diffusion.train.ema_decay=None"])
-    tiny = presets.build("tiny", data="demo:10", seeds="3,5", expert_workdir="e", cache_dir=None, overrides=o)
+    tiny = presets.build("micro", data="demo:10", seeds="3,5", expert_workdir="e", cache_dir=None, overrides=o)
     assert tiny.models["fad_x0"].model.block_out_channels == "8,16" and tiny.judge2.expert.arch == "resnet18"
     assert tiny.models["fad_xt"].align.weight == 0.5 and tiny.models["fad_x0"].align.weight == 1.0
     assert tiny.sample.seeds == "3,5" and tiny.expert.data.source == "demo:10" and tiny.expert.data.cache is None
@@ -192,11 +195,32 @@ def test_presets_resolve_and_list_their_deviations():
     with pytest.raises(presets.PresetError, match="unknown group"):
         presets.parse_overrides(["model.x=1"])
     with pytest.raises(presets.PresetError, match="no field 'num_stepz'"):
-        presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None,
+        presets.build("micro", data=None, seeds=None, expert_workdir="e", cache_dir=None,
                       overrides=presets.parse_overrides(["diffusion.train.num_stepz=3"]))
     with pytest.raises(presets.PresetError, match="sample"):
-        presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None,
+        presets.build("micro", data=None, seeds=None, expert_workdir="e", cache_dir=None,
                       overrides=presets.parse_overrides(["fad_xt.sample.steps=7"]))
+    with pytest.raises(presets.PresetError, match="no shared pre-training"):
+        presets.build("micro", data=None, seeds=None, expert_workdir="e", cache_dir=None,
+                      overrides=presets.parse_overrides(["pretrain.train.num_steps=7"]))
+
+
+def test_a_preset_with_a_pretrain_group_starts_every_model_from_one_pretraining(tmp_path):
+    o = presets.parse_overrides(["pretrain.train.num_steps=30", "diffusion.train.num_steps=7"])
+    c = presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None, overrides=o,
+                      pretrain_workdir="runs/pretrain")
+    assert c.pretrain is not None and not c.pretrain.align.enabled and c.pretrain.init_from is None
+    assert c.pretrain.train.num_steps == 30 and c.pretrain.model == c.models["baseline"].model
+    assert {m.init_from for m in c.models.values()} == {"runs/pretrain"}
+    assert {m.train.num_steps for m in c.models.values()} == {7}
+    assert any("shared pre-training of the U-Net here (30 steps" in d for d in presets.deviations(c))
+    tasks, paths = pipeline.plan(c, tmp_path)
+    by = {t.name: t for t in tasks}
+    assert "train/pretrain" in by["train/baseline"].deps and "train/pretrain" in by["train/fad_xt"].deps
+    assert set(by["train/fad_x0"].deps) == {"train/pretrain", "train/expert"}
+    assert paths["runs"]["pretrain"] == tmp_path / "runs" / "pretrain"
+    with pytest.raises(presets.PresetError, match="pretrain_workdir"):
+        presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None)
 
 
 def test_verdict_sentences_follow_the_numbers():

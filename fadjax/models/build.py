@@ -60,11 +60,16 @@ def unet_config(config, *, channels: int):
     overrides = {"in_channels": channels, "out_channels": channels, "sample_size": config.data.image_size}
     boc = config_lib.parse_int_list(m.block_out_channels)
     if boc is not None:
-        n = len(boc)
-        overrides.update(block_out_channels=boc, down_block_types=("CrossAttnDownBlock2D",) * n,
-                         up_block_types=("CrossAttnUpBlock2D",) * n)
-    for key in ("attention_head_dim", "cross_attention_dim", "norm_num_groups"):
-        if m[key] is not None:
+        overrides["block_out_channels"] = boc
+    n = len(boc or unet_lib.tiny_sd_config().block_out_channels)
+    levels = config_lib.parse_int_list(m.get("attention_levels"))
+    levels = range(n) if levels is None else set(levels)
+    overrides["down_block_types"] = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
+    # Up block j works at level n-1-j.
+    overrides["up_block_types"] = tuple("CrossAttnUpBlock2D" if n - 1 - j in levels else "UpBlock2D"
+                                        for j in range(n))
+    for key in ("attention_head_dim", "cross_attention_dim", "norm_num_groups", "layers_per_block"):
+        if m.get(key) is not None:
             overrides[key] = int(m[key])
     return unet_lib.tiny_sd_config(**overrides)
 

@@ -44,23 +44,49 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         for name in presets.PRESETS:
             print(presets.describe(name))
         return None
-    logging.set_verbosity(logging.INFO)
     out = pathlib.Path(args.out or f"reports/{args.preset}")
+    log_file = _log_to_file(out)
     import jax
     current = jax.config.jax_compilation_cache_dir
-    if args.xla_cache != "none" and (args.xla_cache or not current) and args.xla_cache != current:
-        # Persistent compilation cache: a resumed run, and models of one architecture, compile once.
-        jax.config.update("jax_compilation_cache_dir", str(args.xla_cache or out / "xla_cache"))
+    # Persistent compilation cache: a resumed run, and models of one architecture, compile once. An
+    # explicit --xla_cache wins; else a cache the user configured; else OUT/xla_cache.
+    cache = None if args.xla_cache == "none" else args.xla_cache or current or str(out / "xla_cache")
+    if cache is not None and cache != current:
+        jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     configs = presets.build(args.preset, data=args.data, seeds=args.seeds,
                             expert_workdir=str(out / "runs" / "expert"),
+                            pretrain_workdir=str(out / "runs" / presets.PRETRAIN),
                             cache_dir=args.cache_dir or str(out / "cache"),
                             overrides=presets.parse_overrides(args.set))
     command = "python -m fadjax.reproduce " + shlex.join(argv)
     jobs = args.jobs or presets.PRESETS[args.preset]["jobs"]
     # A `timeout` or scheduler kill still records the interrupted stage's time in stages.json.
     signal.signal(signal.SIGTERM, _interrupt)
-    return pipeline.run_all(configs, out, command=command, jobs=jobs)
+    return pipeline.run_all(configs, out, command=command, jobs=jobs, log_file=log_file)
+
+
+def _log_to_file(out: pathlib.Path) -> pathlib.Path:
+    """Sends every log record (fadjax's, absl's, orbax's, JAX's) to ``OUT/reproduce.log``, none to the terminal.
+
+    The terminal keeps what the pipeline prints itself: a line per stage, progress bars, the result.
+    """
+    import logging as std_logging
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "reproduce.log"
+    handler = std_logging.FileHandler(path)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+    root = std_logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(std_logging.INFO)
+    std_logging.captureWarnings(True)  # Python warnings (deprecations of libraries) too.
+    logging.set_verbosity(logging.INFO)
+    absl_handler = logging.get_absl_handler()
+    if absl_handler in root.handlers:
+        root.removeHandler(absl_handler)
+    return path
 
 
 def _interrupt(signum, frame):

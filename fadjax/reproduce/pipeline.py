@@ -129,7 +129,27 @@ class Book:
         with self.lock:
             rec.update(complete=True, finished=_now(), result=result)
             self.save()
-        self.say(f"{task.name}: done in {dt:.1f}s")
+        self.say(f"{task.name}: done in {dt:.1f}s" + (f", {headline(result)}" if headline(result) else ""))
+
+
+def headline(result) -> str:
+    """A stage's result in a few words (validation accuracy, final loss, images made, accuracy)."""
+    if not isinstance(result, dict):
+        return ""
+    parts = []
+    if result.get("best_val_accuracy") is not None:
+        parts.append(f"validation accuracy {100 * result['best_val_accuracy']:.1f}%")
+    if result.get("last_loss") is not None:
+        parts.append(f"loss {result['last_loss']:.4f}")
+    if result.get("img_per_s"):
+        parts.append(f"{result['img_per_s']:.0f} img/s")
+    if result.get("images") is not None:
+        parts.append(f"{result['images']} images")
+    if result.get("accuracy_mean") is not None:
+        std = result.get("accuracy_std")
+        parts.append(f"generation accuracy {100 * result['accuracy_mean']:.1f}%"
+                     + (f" ± {100 * std:.1f}" if std is not None and std == std else ""))
+    return ", ".join(parts)
 
 
 @dataclasses.dataclass
@@ -289,7 +309,11 @@ def train_task(name: str, config, workdir: pathlib.Path, deps: dict[str, str]) -
 
     def run():
         s = train_lib.run(config, workdir)
-        return {k: s.get(k) for k in ("final_step", "total_steps", "best_val_accuracy", "start_step", "setup_s") if k in s}
+        out = {k: s.get(k) for k in ("final_step", "total_steps", "best_val_accuracy", "start_step", "setup_s") if k in s}
+        last = s.get("last_metrics") or {}
+        if not expert and "loss" in last:
+            out.update(last_loss=last["loss"], img_per_s=last.get("img_per_s"))
+        return out
 
     return Task(f"train/{name}", tuple(deps), fingerprint({"config": _training_dict(config), "deps": deps}),
                 lambda: training_complete(workdir, expert=expert), run, what)
@@ -346,7 +370,7 @@ def layout(out: pathlib.Path) -> dict:
     """Where each stage writes, under OUT."""
     models = [m[0] for m in presets.MODELS]
     return {
-        "runs": {n: out / "runs" / n for n in ("expert", "judge2", *models)},
+        "runs": {n: out / "runs" / n for n in ("expert", "judge2", presets.PRETRAIN, *models)},
         "gens": {n: out / "gens" / n for n in models},
         # eval/<model> is judged by the expert (the paper's judge), eval2/<model> by the second judge.
         "eval": {"expert": {n: out / "eval" / n for n in models}, "judge2": {n: out / "eval2" / n for n in models}},
@@ -358,10 +382,15 @@ def plan(configs: presets.Configs, out: pathlib.Path) -> tuple[list[Task], dict]
     from fadjax.reproduce import summary as summary_lib
     paths = layout(out)
     tasks: dict[str, Task] = {}
+    start = {}  # The shared pre-training every model starts from, when the preset has one: it starts first,
+    if configs.pretrain is not None:  # the longest stage, so that the judges train beside it (jobs > 1).
+        name = presets.PRETRAIN
+        tasks[name] = train_task(name, configs.pretrain, paths["runs"][name], {})
+        start = {tasks[name].name: tasks[name].fp}
     for j, c in (("expert", configs.expert), ("judge2", configs.judge2)):
         tasks[j] = train_task(j, c, paths["runs"][j], {})
     for name, c in configs.models.items():
-        deps = {"train/expert": tasks["expert"].fp} if c.align.enabled else {}
+        deps = {**start, **({"train/expert": tasks["expert"].fp} if c.align.enabled else {})}
         tasks[name] = train_task(name, c, paths["runs"][name], deps)
     settings = sampling_settings(configs.sample)
     gens = {n: sample_task(n, paths["runs"][n], paths["gens"][n], settings, tasks[n]) for n in configs.models}
@@ -392,7 +421,8 @@ def plan(configs: presets.Configs, out: pathlib.Path) -> tuple[list[Task], dict]
     return [*tasks.values(), *gens.values(), *evals, report_task], paths
 
 
-def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: int = 1, echo: bool = True) -> dict:
+def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: int = 1, echo: bool = True,
+            log_file: pathlib.Path | None = None) -> dict:
     """Runs (or skips) every stage and writes the report; returns the summary.
 
     Args:
@@ -400,14 +430,20 @@ def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: 
       out: the output folder.
       command: the command line, recorded in ``stages.json`` and the report.
       jobs: stages run at once (threads); 1 = one after the other.
-      echo: print progress lines on stdout.
+      echo: print progress lines and the result table on stdout.
+      log_file: where the detailed log goes (named in the first line).
     """
+    from fadjax.reproduce import summary as summary_lib
     out.mkdir(parents=True, exist_ok=True)
     tasks, _ = plan(configs, out)
     book = Book(out, command, echo=echo)
     book.data["preset"] = configs.preset
     book.data["jobs"] = jobs
-    book.say(f"preset {configs.preset}, data {configs.expert.data.source}, out {out}, {jobs} stage(s) at a time")
+    book.say(f"preset {configs.preset}, data {configs.expert.data.source}, out {out}, {jobs} stage(s) at a time"
+             + (f"; log: {log_file}" if log_file else ""))
     execute(tasks, book, jobs=jobs)
+    summary = json.loads((out / "summary.json").read_text())
+    if echo:
+        print("\n".join(summary_lib.terminal_table(summary)), flush=True)
     book.say(f"all stages complete in {book.elapsed_s():.1f}s; report: {out / 'report.md'}")
-    return json.loads((out / "summary.json").read_text())
+    return summary

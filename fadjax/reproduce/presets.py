@@ -54,7 +54,9 @@ MODELS = (
     ("fad_x0", True, "clean"),   # Table I ablation: expert features of the clean x0.
 )
 JUDGES = ("expert", "judge2")  # "expert" is the judge of the paper (it is also the alignment target).
-GROUPS = ("expert", "judge2", "diffusion") + tuple(m[0] for m in MODELS)
+# "pretrain": the shared pre-training of the U-Net (a preset with a "pretrain" group; see ``build``).
+GROUPS = ("expert", "judge2", "diffusion", "pretrain") + tuple(m[0] for m in MODELS)
+PRETRAIN = "pretrain"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's settings: the configs' defaults, nothing changed (20 epochs at batch 4, DDPM 1000
@@ -109,11 +111,126 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sample.batch_size": 350,             # 1050 images per model in 3 compiled calls.
         },
     },
-    # The built-in demo source, micro models: a laptop CPU in a few minutes (tests use it too).
+    # The paper's comparison on the real Kather tiles on one CPU machine (2 cores) in under 90 minutes;
+    # every value sized from measurements on 2 cores (the budget is in results/paper_cpu/README.md).
+    "cpu": {
+        "variant": None,
+        "data": None,  # --data is required (folder:PATH of the Kather tiles, or tfds:colorectal_histology).
+        "jobs": 2,     # Two stages at once: the judges train beside the pre-training, the models in pairs.
+        "expert": {
+            "num_devices": 1,
+            "data.image_size": 32,        # The generated size (paper 224).
+            "expert.arch": "resnet18",    # Paper ResNet50 (at 32 px from scratch a ResNet18 reached 80%).
+            "expert.width": 16,           # Stem width 16 (stages 16..128, pooled feature 128-d).
+            "expert.head_hidden": 64,     # Paper 256.
+            "train.batch_size": 64,
+            "train.num_epochs": 15,       # As the paper: 855 steps, ~1600 img/s on 2 cores.
+            "optim.lr": 2e-3,             # From scratch (no ImageNet weights offline).
+            "optim.schedule": "cosine",
+            "train.eval_every_epoch": 5,
+            "train.log_every": 100,
+            "train.checkpoint_every": 5000,
+            "train.eval_batch_size": 230,  # 920 validation images = 4 batches.
+        },
+        "judge2": {
+            "expert.arch": "resnet34",  # Another architecture ...
+            "seed": 1,                  # ... and seed.
+        },
+        "diffusion": {
+            "num_devices": 1,
+            "data.image_size": 32,
+            "diffusion.data_range": "[-1,1]",          # The usual DDPM practice (the reference: [0, 1]).
+            "model.block_out_channels": "16,32,64,128",  # Four levels: 32, 16, 8 and 4 px.
+            "model.attention_levels": "2,3",           # Attention at 8x8 and 4x4 only: 58 img/s on 2 cores.
+            "model.attention_head_dim": 4,
+            "model.cross_attention_dim": 128,
+            "model.norm_num_groups": 8,
+            "align.unet_feature": "down_3_shortcut",   # The last down block's first-resnet shortcut, as tiny-sd.
+            "cond.label_dropout": 0.1,                 # Trains the unconditional branch for guidance.
+            "train.batch_size": 32,
+            "train.num_epochs": None,
+            "train.num_steps": 700,                    # Each model's own steps after the shared pre-training.
+            "optim.lr": 5e-4,
+            "optim.schedule": "cosine",
+            "optim.warmup_steps": 20,
+            "train.ema_decay": 0.999,                  # With the warm-up of train.ema_warmup.
+            "train.log_every": 50,
+            "train.checkpoint_every": 350,
+            "sample.sampler": "ddpm",
+            "sample.steps": 25,
+            "sample.guidance_scale": 3.0,
+            "sample.batch_size": 350,                  # 1050 images per model in 3 compiled calls.
+        },
+        "pretrain": {
+            "train.num_steps": 3500,  # The shared pre-training: 112k images (~30 epochs of 3680).
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 100,
+            "train.checkpoint_every": 500,
+        },
+    },
+    # README's first command: the built-in demo textures on a laptop CPU in under 5 minutes, small enough
+    # to finish and large enough to learn (budget in README; each value measured on 2 cores).
     "tiny": {
-        "variant": "tiny",  # config_lib's tiny variant first, then these.
+        "variant": "tiny",   # config_lib's tiny variant first, then these.
+        "data": "demo:200",  # 5 procedural texture classes x 200 images (160 train / 40 validation each).
+        "jobs": 2,           # Two stages at once: one compiles (one core) while the other computes.
+        "expert": {
+            "num_devices": 1,             # One device (a CPU).
+            "data.image_size": 16,        # The judges see the generated size.
+            "expert.width": 8,            # ResNet18 stem width.
+            "expert.head_hidden": 16,
+            "train.batch_size": 32,
+            "train.num_epochs": 20,       # 500 steps, ~1000 img/s on 2 cores: 97-98% validation accuracy.
+            "optim.lr": 3e-3,             # From scratch: StepLR 0.7 from 1e-3 stalled at 75%.
+            "optim.schedule": "cosine",
+            "train.eval_every_epoch": 10,  # Two validations (best checkpoint kept).
+            "train.log_every": 25,
+            "train.checkpoint_every": 250,
+            "train.eval_batch_size": 200,  # The whole validation split in one batch.
+        },
+        "judge2": {
+            "expert.width": 16,  # Another network: twice the width (ResNet34 from scratch reached 84% here) ...
+            "seed": 1,           # ... and another seed.
+        },
+        "diffusion": {
+            "num_devices": 1,
+            "data.image_size": 16,
+            "diffusion.data_range": "[-1,1]",         # The usual DDPM practice (the reference: [0, 1]).
+            "model.block_out_channels": "16,32,64",   # Three levels: 16, 8 and 4 px.
+            "model.attention_levels": "2",            # Attention (and the class context) at 4x4 only: 278 img/s,
+                                                      # twice the speed of a (32,64) U-Net with it at 8x8.
+            "align.unet_feature": "down_2_shortcut",  # The last down block's first-resnet shortcut, as tiny-sd.
+            "model.attention_head_dim": 1,
+            "model.cross_attention_dim": 32,
+            "model.norm_num_groups": 8,
+            "cond.label_dropout": 0.1,                # Trains the unconditional branch for guidance.
+            "train.batch_size": 32,
+            "train.num_steps": 120,                   # Each model's own steps after the shared pre-training.
+            "optim.lr": 1e-3,
+            "optim.schedule": "cosine",
+            "optim.warmup_steps": 20,
+            "train.ema_decay": 0.995,                 # With the warm-up of train.ema_warmup.
+            "train.log_every": 50,
+            "train.checkpoint_every": 120,
+            "sample.sampler": "ddpm",                 # DDPM beat DDIM at this training length (70% vs 51%).
+            "sample.steps": 25,                       # As good as 50 and 100 here (69%, 68%, 72%).
+            "sample.guidance_scale": 3.0,             # Classifier-free guidance: +10 points over none.
+            "sample.num_per_class": 4,
+            "sample.seeds": "0-4",
+            "sample.batch_size": 100,
+        },
+        "pretrain": {
+            "train.num_steps": 700,  # The shared pre-training: 22k images.
+            "optim.lr": 2e-3,
+            "optim.warmup_steps": 50,
+            "train.checkpoint_every": 700,
+        },
+    },
+    # Micro models on a tiny demo set, for the tests: every stage runs in seconds and learns nothing.
+    "micro": {
+        "variant": "tiny",
         "data": "demo:24",  # 5 procedural texture classes x 24 images.
-        "jobs": 1,          # One stage at a time (a laptop's cores already compile in parallel).
+        "jobs": 1,
         "expert": {
             "num_devices": 1,            # One device (a CPU); tests emulate 8.
             "data.image_size": 16,       # Tiny variant: 32.
@@ -252,6 +369,7 @@ class Configs:
     expert: ml_collections.ConfigDict
     judge2: ml_collections.ConfigDict
     models: dict[str, ml_collections.ConfigDict]  # baseline, fad_xt, fad_x0
+    pretrain: ml_collections.ConfigDict | None = None  # The shared pre-training every model starts from.
 
     @property
     def sample(self) -> ml_collections.ConfigDict:
@@ -260,7 +378,8 @@ class Configs:
 
 
 def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: str,
-          cache_dir: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> Configs:
+          cache_dir: str | None, overrides: dict[str, dict[str, Any]] | None = None,
+          pretrain_workdir: str | None = None) -> Configs:
     """The resolved configs of every stage.
 
     Args:
@@ -268,10 +387,18 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
       data: the data source of every stage; None = the preset's (else the configs') default.
       seeds: sampling seeds for every model (e.g. ``"0-1"``); None = the preset's.
       expert_workdir: where the expert is trained (the aligned models' ``align.expert_workdir``).
+      pretrain_workdir: where the shared pre-training runs (the models' ``init_from``), for a preset
+        with a ``pretrain`` group.
       cache_dir: folder of the shared decoded-data caches (``data_<size>px_<channels>ch.npz``);
         None = each run's own ``<workdir>/data_cache.npz``.
       overrides: ``{group: {field: value}}`` applied last (the CLI's ``--set``): ``expert`` and
-        ``judge2`` to that judge only, ``diffusion`` to every model, a model's name to that model.
+        ``judge2`` to that judge only, ``diffusion`` to every model (and the pre-training), a model's
+        name to that model, ``pretrain`` to the pre-training.
+
+    A preset with a ``pretrain`` group trains one baseline U-Net first (the ``diffusion`` fields, then
+    the ``pretrain`` ones, e.g. its length), ``OUT/runs/pretrain``; every model then starts from it
+    (``init_from``) and trains its own ``diffusion`` steps: the paper's protocol of fine-tuning both
+    models from one pretrained U-Net, with our own pre-training in place of segmind/tiny-sd's weights.
 
     Raises:
       PresetError: unknown preset, field or value type.
@@ -296,12 +423,23 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
     judge2 = apply(apply(config_lib.expert_config(variant), p["expert"]), p["judge2"])
     apply(expert, overrides.get("expert", {}))  # CLI overrides: each judge its own group.
     apply(judge2, overrides.get("judge2", {}))
+    pretrain = None
+    if p.get(PRETRAIN) is not None:
+        if not pretrain_workdir:
+            raise PresetError(f"preset {preset!r} pre-trains a U-Net: pretrain_workdir is required")
+        pretrain = apply(config_lib.diffusion_config(variant, align=False), p["diffusion"])
+        apply(pretrain, overrides.get("diffusion", {}))
+        apply(apply(pretrain, p[PRETRAIN]), overrides.get(PRETRAIN, {}))
+    elif overrides.get(PRETRAIN):
+        raise PresetError(f"--set pretrain.*: preset {preset!r} has no shared pre-training")
     models = {}
     for name, align, extra in MODELS:
         arg = ",".join(v for v in (variant, extra) if v) or None
         c = apply(config_lib.diffusion_config(arg, align=align), p["diffusion"])
         apply(c, overrides.get("diffusion", {}))
         apply(c, overrides.get(name, {}))
+        if pretrain is not None:
+            c.init_from = pretrain_workdir
         if align:
             c.align.expert_workdir = expert_workdir
         if seeds is not None:
@@ -312,7 +450,8 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
         if {k: c.sample.get(k) for k in c.sample} != shared:
             raise PresetError(f"{name}: sample.* differs from the baseline's; every model must share the "
                               f"sampling settings (set them in the 'diffusion' group)")
-    return Configs(preset, finish(expert), finish(judge2), models)
+    return Configs(preset, finish(expert), finish(judge2), models,
+                   None if pretrain is None else finish(pretrain))
 
 
 def _fmt(v: Any) -> str:
@@ -344,6 +483,11 @@ def deviations(configs: Configs) -> list[str]:
                 if path.startswith("align."):
                     label = "aligned models"
                 out.append(f"{label}: {shown} (paper: {what})")
+    if configs.pretrain is not None:
+        c = configs.pretrain
+        out.append(f"diffusion (all models): start from a shared pre-training of the U-Net here "
+                   f"({c.train.num_steps} steps of batch {c.train.batch_size}, no alignment, lr {c.optim.lr}) "
+                   f"(paper: start from segmind/tiny-sd's pretrained weights)")
     n = len(config_lib.parse_seeds(configs.sample.seeds))
     if n != PAPER_NUM_SEEDS:
         out.append(f"sampling: {n} seeds {configs.sample.seeds} (paper: {PAPER_NUM_SEEDS})")
@@ -355,7 +499,7 @@ def describe(preset: str) -> str:
     p = PRESETS[preset]
     lines = [f"{preset}: variant {p['variant']!r}, default data {p['data'] or 'configs default'}, "
              f"{p['jobs']} stage(s) at a time"]
-    for group in ("expert", "judge2", "diffusion"):
-        for k, v in p[group].items():
+    for group in ("expert", "judge2", "diffusion", PRETRAIN):
+        for k, v in (p.get(group) or {}).items():
             lines.append(f"  {group}.{k} = {_fmt(v)}")
     return "\n".join(lines)

@@ -202,6 +202,26 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
     return summary
 
 
+def terminal_table(s: dict) -> list[str]:
+    """The result as a few lines of text: generation accuracy of every model by both judges, Δ to the baseline."""
+    judges = s["judges"]
+    heads = [f"{j} ({judges[j]['arch']}, val {_pct(judges[j]['val_accuracy'])})" for j in presets.JUDGES]
+    width = max(len(r["label"]) for r in s["models"].values())
+    lines = ["", f"generation accuracy (mean ± std over {len(s['seeds'])} seeds; chance "
+                 f"{_pct(1 / max(len(s['classes']), 1))}), Δ = paired difference to the baseline [95% CI]:",
+             f"  {'model':<{width}}  " + "  ".join(f"{h:<34}" for h in heads)]
+    for m, r in s["models"].items():
+        cells = []
+        for j in presets.JUDGES:
+            a, pd = r["accuracy"][j], r["paired_difference_vs_baseline"][j]
+            cell = f"{_pct(a['mean'])} ± {_pct(a['std'])}"
+            if pd is not None:
+                cell += f"  Δ {_pts(pd['mean'])} [{_pts(pd['ci_low'])}, {_pts(pd['ci_high'])}]"
+            cells.append(f"{cell:<34}")
+        lines.append(f"  {r['label']:<{width}}  " + "  ".join(cells))
+    return lines + [""]
+
+
 def _markdown(s: dict, configs: presets.Configs) -> str:
     models, judges = list(s["models"]), s["judges"]
     base = s["baseline"]

@@ -38,27 +38,32 @@ def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Sc
 
     ``weights`` ``[B]`` weighs each example's noise MSE (``1/B`` each for a plain mean; DreamBooth
     weighs its prior images by ``prior_weight``); under pmap each device rescales its share to sum to 1.
-    ``consts`` holds what the step reads but never trains: ``expert`` variables and the
-    ``text_features`` of CLIP conditioning.
+    ``consts`` holds what the step reads but never trains: ``expert`` variables, the
+    ``text_features`` of CLIP conditioning and the run's numbers ``hp`` (:func:`step_hparams`: loss
+    weights, whether the expert sees x0); being runtime values, runs that differ only in them
+    share one compiled step.
     """
     a = config.align
-    w1 = float(config.diffusion.loss_weight)
-    w2 = float(a.weight)
     use_align = bool(a.enabled)
+    data_range = config.diffusion.data_range
 
     def loss_fn(params, consts, x0, labels, noise, t, weights):
-        x_t = diffusion_lib.q_sample(schedule, x0, t, noise)  # [B, H, W, C]
+        # x0 [B, H, W, C] in [0, 1]; the model diffuses it in its data range.
+        x_t = diffusion_lib.q_sample(schedule, diffusion_lib.to_model_range(x0, data_range), t, noise)
         eps, feats = model(params, x_t, t, labels, consts.get("text_features"))
         per_example = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))  # [B]
         noise_loss = jnp.sum(weights * per_example)
-        loss = w1 * noise_loss
+        hp = consts["hp"]
+        loss = hp["noise_weight"] * noise_loss
         aux = {"noise_loss": noise_loss}
         if use_align:
-            x_e = _resize(x_t if a.expert_input == "noisy" else x0, a.expert_resize)
+            # The expert sees its own [0, 1] scale: x0, or x_t mapped back by the data range's affine map.
+            x_e = jnp.where(hp["expert_clean"], x0, diffusion_lib.from_model_range(x_t, data_range))
+            x_e = _resize(x_e, a.expert_resize)
             _, e_feats = expert.apply(consts["expert"], x_e, train=False)
             align_loss = align_lib.cosine_alignment_loss(
                 params["proj"], e_feats[a.expert_feature], feats[a.unet_feature])
-            loss = loss + w2 * align_loss
+            loss = loss + hp["align_weight"] * align_loss
             aux["align_loss"] = align_loss
         return loss, aux
 
@@ -95,14 +100,31 @@ def make_draw_fn(config, *, num_examples: int, null_label: int | None):
     return draw
 
 
-def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
-    """The compiled step ``(state, data, consts) -> (state, metrics)`` for ``par``."""
+def step_hparams(config, *, steps_per_epoch: int, total_steps: int) -> dict:
+    """The run's numbers the compiled step reads at run time (``consts['hp']``): the learning-rate
+    schedule's, the EMA decay, the loss weights w1 and w2, and whether the expert sees x0."""
+    f = np.float32
+    hp = {"lr": common.lr_hparams(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps),
+          "noise_weight": f(config.diffusion.loss_weight), "align_weight": f(config.align.weight),
+          "expert_clean": np.bool_(config.align.expert_input == "clean")}
+    if config.train.ema_decay is not None:
+        hp["ema_decay"] = f(config.train.ema_decay)
+    return hp
+
+
+def make_train_step(loss_fn, draw, par: common.Parallel, *, schedule: str, ema_warmup: bool = False):
+    """The compiled step ``(state, data, consts) -> (state, metrics)`` for ``par``.
+
+    ``schedule`` names the learning-rate schedule (``config.optim.schedule``); its numbers, like the
+    EMA decay, come from ``consts['hp']`` (:func:`step_hparams`).
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def finish(state, loss, aux, grads):
-        new, finite, grad_norm = common.apply_gradients_if_finite(state, grads, loss, ema_decay=ema_decay)
-        metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr_fn(state.step),
-                   "finite": finite.astype(jnp.float32)}
+    def finish(state, loss, aux, grads, hp):
+        lr = common.learning_rate(schedule, state.step, hp["lr"])
+        new, finite, grad_norm = common.apply_gradients_if_finite(
+            state, grads, loss, lr=lr, ema_decay=hp.get("ema_decay"), ema_warmup=ema_warmup)
+        metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32)}
         return new, metrics
 
     if par.mode == "sharded":
@@ -110,7 +132,7 @@ def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
             batch = draw(state.step, data)
             batch = jax.lax.with_sharding_constraint(batch, par.batch_sharded)
             (loss, aux), grads = grad_fn(state.params, consts, *batch)
-            return finish(state, loss, aux, grads)
+            return finish(state, loss, aux, grads, consts["hp"])
 
         return jax.jit(step, donate_argnums=(0,), out_shardings=(par.replicated, par.replicated))
 
@@ -123,7 +145,7 @@ def make_train_step(loss_fn, draw, par: common.Parallel, *, lr_fn, ema_decay):
         local = local[:-1] + (local[-1] * n,)  # Each device's weights sum to 1; pmean averages.
         (loss, aux), grads = grad_fn(state.params, consts, *local)
         grads, loss, aux = jax.lax.pmean((grads, loss, aux), common.DATA_AXIS)
-        return finish(state, loss, aux, grads)
+        return finish(state, loss, aux, grads, consts["hp"])
 
     return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
 
@@ -271,8 +293,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     num_train = len(train_data["labels"])
     spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
     total = common.run_length(config.train, spe)
-    lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe, total_steps=total)
-    tx = common.make_optimizer(config.optim, lr_fn)
+    tx = common.make_optimizer(config.optim)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
     ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     start = common.agreed_step(ckpt.latest_step() or 0)
@@ -280,12 +301,19 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     # Parameters: resume > init_from > pretrained > scratch.
     ema_decay = config.train.ema_decay
 
+    k_model, k_proj = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+
+    def init_model(key):  # U-Net and conditioner (with pretrained U-Net weights: only the conditioner is new)
+        return model.init(key, image_size=image_size, channels=channels, unet_params=unet_params,
+                          text_features=text_features)
+
+    def init_proj(key):
+        return align_lib.init_projection(key, e_dim, u_dim)
+
     def fresh_params():
-        k_model, k_proj = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-        params = model.init(k_model, image_size=image_size, channels=channels, unet_params=unet_params,
-                            text_features=text_features)
+        params = init_model(k_model)
         if config.align.enabled:
-            params["proj"] = align_lib.init_projection(k_proj, e_dim, u_dim)
+            params["proj"] = init_proj(k_proj)
         return params
 
     def make_state(params):
@@ -293,14 +321,15 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
                                         ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None)
 
     with phases("init"):
-        # One compiled program builds the parameters, the optimizer state and the EMA (eagerly, every
-        # leaf of each would be a dispatch of its own); a resumed run needs only their shapes.
+        # A resumed run needs only the shapes. Otherwise each random part is one compiled program with
+        # its key as an argument (every model of one architecture shares the U-Net's), then the
+        # optimizer state and the EMA are built in one more (eagerly, every leaf would be a dispatch).
         if start and not config.init_from:
             state = jax.eval_shape(lambda: make_state(fresh_params()))
-        elif unet_params is None and not config.init_from:
-            state = common.run_init(lambda: make_state(fresh_params()))
         else:
-            params = common.run_init(fresh_params) if unet_params is None else fresh_params()
+            params = common.run_init(init_model, k_model) if unet_params is None else init_model(k_model)
+            if config.align.enabled:
+                params["proj"] = common.run_init(init_proj, k_proj)
             if config.init_from:
                 src = runs.load_diffusion_run(config.init_from, use_ema=False)
                 params = runs.merge_params(params, src.params, source_name=config.init_from)
@@ -338,7 +367,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
         common.write_json(workdir / "run.json", record)
 
     # Everything the step reads, on the device(s).
-    consts = {"text_features": text_features}
+    consts = {"text_features": text_features, "hp": step_hparams(config, steps_per_epoch=spe, total_steps=total)}
     if expert_run is not None:
         consts["expert"] = expert_run.variables
     with phases("placement"):
@@ -350,7 +379,8 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
         draw = hooks["make_draw"](config, train_data, labels.null_label)
     else:
         draw = make_draw_fn(config, num_examples=num_train, null_label=labels.null_label)
-    step_fn = make_train_step(loss_fn, draw, par, lr_fn=lr_fn, ema_decay=ema_decay)
+    step_fn = make_train_step(loss_fn, draw, par, schedule=config.optim.schedule,
+                              ema_warmup=bool(config.train.get("ema_warmup", False)))
 
     summary = {"workdir": str(workdir), "total_steps": total, "start_step": start, "setup_s": phases.times}
     if start < total:

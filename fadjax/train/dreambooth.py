@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fadjax import diffusion as diffusion_lib
 from fadjax import config_lib
 from fadjax import runs
 from fadjax import sampling
@@ -52,8 +53,11 @@ PRIOR_FORMAT = 1  # Version of the prior cache's settings record.
 # Fields taken from the starting run (they fix the architecture and what the parameters mean).
 INHERITED = ("data.image_size", "data.channels", "model.preset", "model.block_out_channels",
              "model.attention_head_dim", "model.cross_attention_dim", "model.norm_num_groups",
+             "model.attention_levels", "model.layers_per_block",
              "model.pretrained", "cond.mode", "cond.prompt", "diffusion.num_train_timesteps",
-             "diffusion.beta_schedule")
+             "diffusion.beta_schedule", "diffusion.data_range")
+# What a starting run's config.json means by a field it does not have (written before the field existed).
+INHERITED_MISSING = {"diffusion.data_range": "[0,1]"}
 # Fields whose None means "the starting run's".
 INHERITED_IF_UNSET = ("data.source", "cond.clip_path")
 
@@ -107,7 +111,7 @@ def resolve_config(config, *, source_config=None) -> tuple[ml_collections.Config
     if source_config is not None:
         for path in INHERITED + INHERITED_IF_UNSET:
             section, key = path.split(".")
-            new = source_config[section].get(key)
+            new = source_config[section].get(key, INHERITED_MISSING.get(path))
             if path in INHERITED_IF_UNSET and out[section][key] is not None:
                 continue
             if out[section][key] != new:
@@ -187,7 +191,7 @@ def init_params(model, params, source_run, *, class_name: str, identifier: str):
 # ----------------------------------------------------------------------------- prior images
 
 def generate_prior_images(eps_fn, params, schedule, label: int, *, num_images: int, shape, sampler: str,
-                          steps: int | None, seed: int, batch_size: int) -> np.ndarray:
+                          steps: int | None, seed: int, batch_size: int, data_range: str = "[0,1]") -> np.ndarray:
     """``num_images`` samples of one label, uint8 ``[N, H, W, C]``; image ``i`` uses ``fold_in(key(seed), i)``."""
     bs = min(int(batch_size), int(num_images))
     out = []
@@ -196,7 +200,7 @@ def generate_prior_images(eps_fn, params, schedule, label: int, *, num_images: i
         padded = ids + [ids[-1]] * (bs - len(ids))  # Fixed shape: one compilation.
         x = sampling.sample(eps_fn, params, schedule, [label] * bs, shape=shape, seed=seed, image_ids=padded,
                             sampler=sampler, steps=steps)
-        out.append(sampling.to_uint8(x)[: len(ids)])
+        out.append(sampling.to_uint8(diffusion_lib.from_model_range(x, data_range))[: len(ids)])
         logging.info("prior images: %d/%d", ids[-1] + 1, num_images)
     return np.concatenate(out)
 
@@ -264,7 +268,6 @@ def _starting_model(config, workdir: pathlib.Path, labels: build.LabelSpace):
                      "EMA" if run.used_ema else "raw")
         return run.eps_fn, run.params, run.schedule
     # Pretrained U-Net + the conditioner exactly as the trainer initialises it (same key).
-    from fadjax import diffusion as diffusion_lib
     from fadjax.models import unet as unet_lib
     module, unet_params = unet_lib.from_pretrained(
         config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
@@ -298,7 +301,8 @@ def prior_images(config, workdir: pathlib.Path, labels: build.LabelSpace, settin
     images = generate_prior_images(
         eps_fn, params, schedule, settings["class_label"], num_images=db.num_class_images,
         shape=(config.data.image_size, config.data.image_size, config.data.channels),
-        sampler=db.prior_sampler, steps=db.prior_steps, seed=db.prior_seed, batch_size=config.sample.batch_size)
+        sampler=db.prior_sampler, steps=db.prior_steps, seed=db.prior_seed, batch_size=config.sample.batch_size,
+        data_range=config.diffusion.data_range)
     write_prior_cache(path, images, settings)
     logging.info("wrote %d prior images of %r to %s", len(images), db.class_name, path)
     return images, True

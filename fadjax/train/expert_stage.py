@@ -39,7 +39,9 @@ def _has_bn(variables) -> bool:
     return "batch_stats" in variables
 
 
-def make_train_step(module, config, par: common.Parallel, *, num_examples: int, lr_fn):
+def make_train_step(module, config, par: common.Parallel, *, num_examples: int):
+    """The compiled step ``(state, images, labels, lr_hp) -> (state, metrics)``; ``lr_hp`` are the
+    learning-rate schedule's numbers (``common.lr_hparams``), a runtime argument."""
     B = config.train.batch_size
     root = jax.random.key(config.seed)
     data_key, step_root = jax.random.split(jax.random.fold_in(root, 7))
@@ -67,30 +69,30 @@ def make_train_step(module, config, par: common.Parallel, *, num_examples: int, 
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def finish(state, loss, acc, grads, new_stats):
-        new, finite, gnorm = common.apply_gradients_if_finite(state, grads, loss, ema_decay=None,
-                                                               batch_stats=new_stats)
-        return new, {"loss": loss, "train_accuracy": acc, "grad_norm": gnorm, "lr": lr_fn(state.step),
+    def finish(state, loss, acc, grads, new_stats, lr_hp):
+        lr = common.learning_rate(config.optim.schedule, state.step, lr_hp)
+        new, finite, gnorm = common.apply_gradients_if_finite(state, grads, loss, lr=lr, batch_stats=new_stats)
+        return new, {"loss": loss, "train_accuracy": acc, "grad_norm": gnorm, "lr": lr,
                      "finite": finite.astype(jnp.float32)}
 
     if par.mode == "sharded":
-        def step(state, images, labels):
+        def step(state, images, labels, lr_hp):
             x, y = jax.lax.with_sharding_constraint(draw(state.step, images, labels), par.batch_sharded)
             (loss, (stats, acc)), grads = grad_fn(state.params, state.batch_stats, x, y)
-            return finish(state, loss, acc, grads, stats)
+            return finish(state, loss, acc, grads, stats, lr_hp)
 
         return jax.jit(step, donate_argnums=(0,), out_shardings=(par.replicated, par.replicated))
 
     n = par.num_devices
 
-    def pstep(state, images, labels):
+    def pstep(state, images, labels, lr_hp):
         x, y = draw(state.step, images, labels)
         i = jax.lax.axis_index(common.DATA_AXIS)
         x, y = (jax.lax.dynamic_slice_in_dim(a, i * (B // n), B // n) for a in (x, y))
         (loss, (stats, acc)), grads = grad_fn(state.params, state.batch_stats, x, y)
         # Per-device BatchNorm statistics (like PyTorch DDP without SyncBN), averaged after the step.
         grads, loss, acc, stats = jax.lax.pmean((grads, loss, acc, stats), common.DATA_AXIS)
-        return finish(state, loss, acc, grads, stats)
+        return finish(state, loss, acc, grads, stats, lr_hp)
 
     return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
 
@@ -142,8 +144,7 @@ def train(config, workdir) -> dict:
     num_train = len(train_idx)
     spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
     total = common.run_length(config.train, spe)
-    lr_fn = common.make_lr_schedule(config.optim, steps_per_epoch=spe, total_steps=total)
-    tx = common.make_optimizer(config.optim, lr_fn)
+    tx = common.make_optimizer(config.optim)
     ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     best = common.Checkpointer(workdir / "best", keep=1, best_mode="max")
     start = common.agreed_step(ckpt.latest_step() or 0)
@@ -153,16 +154,19 @@ def train(config, workdir) -> dict:
         def make_state(v):
             return common.TrainState.create(apply_fn=None, params=v["params"], tx=tx, batch_stats=v.get("batch_stats"))
 
-        def fresh():
+        def init_variables(key):
             from fadjax.models import expert as expert_lib
-            return make_state(expert_lib.init_expert(module, jax.random.fold_in(jax.random.key(config.seed), 1),
-                                                     image_size=config.data.image_size, in_channels=config.data.channels))
+            return expert_lib.init_expert(module, key, image_size=config.data.image_size,
+                                          in_channels=config.data.channels)
 
-        # Parameters and optimizer state in one compiled program (eagerly, one dispatch per leaf); a
-        # resumed run needs only their shapes.
-        if variables is None:
-            state = jax.eval_shape(fresh) if start else common.run_init(fresh)
+        # A resumed run needs only the shapes. Otherwise the random draws are one compiled program (its
+        # key an argument, see common.run_init), the optimizer state another (eagerly, one dispatch per leaf).
+        key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        if variables is None and start:
+            state = jax.eval_shape(lambda: make_state(init_variables(key)))
         else:
+            if variables is None:
+                variables = common.run_init(init_variables, key)
             state = jax.block_until_ready(jax.jit(make_state)(variables))
     logging.info("expert %s: %.2fM parameters, %d classes, %d train / %d val images", config.expert.arch,
                  sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, K, num_train, len(val_idx))
@@ -187,8 +191,10 @@ def train(config, workdir) -> dict:
 
     with phases("placement"):
         state = par.put_replicated(state)
-        dev_images, dev_labels = par.put_replicated((ds.images[train_idx], ds.labels[train_idx].astype(np.int32)))
-    step_fn = make_train_step(module, config, par, num_examples=num_train, lr_fn=lr_fn)
+        dev_images, dev_labels, lr_hp = par.put_replicated((
+            ds.images[train_idx], ds.labels[train_idx].astype(np.int32),
+            common.lr_hparams(config.optim, steps_per_epoch=spe, total_steps=total)))
+    step_fn = make_train_step(module, config, par, num_examples=num_train)
     predict = make_predict(module)
     val_images, val_labels = ds.images[val_idx], ds.labels[val_idx].astype(np.int64)
 
@@ -200,11 +206,11 @@ def train(config, workdir) -> dict:
     timer = common.Timer()
     if start < total:
         with phases("compile"):
-            step_fn = step_fn.lower(state, dev_images, dev_labels).compile()
+            step_fn = step_fn.lower(state, dev_images, dev_labels, lr_hp).compile()
         common.wait_for_all_processes("expert_step_compiled")  # Outside "compile": a wait, not compiling.
     try:
         while step < total:
-            state, m = step_fn(state, dev_images, dev_labels)
+            state, m = step_fn(state, dev_images, dev_labels, lr_hp)
             buf.append(m)
             step += 1
             do_eval = step % eval_every == 0 or step == total
