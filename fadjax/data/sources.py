@@ -160,8 +160,9 @@ def _decode_all(paths: list[str], convert: Callable[[Image.Image], np.ndarray], 
 
     workers = max(1, min(_DECODE_THREADS, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        # disable=None: a bar on a terminal only (no carriage-return lines in a redirected log).
         return list(tqdm.tqdm(pool.map(one, paths), total=len(paths), desc=desc, unit="img",
-                              disable=not progress, leave=False))
+                              disable=None if progress else True, leave=False))
 
 
 def list_class_folders(root: str) -> tuple[list[str], list[str]]:

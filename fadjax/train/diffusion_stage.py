@@ -321,10 +321,11 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
                                         ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None)
 
     with phases("init"):
-        # A resumed run needs only the shapes. Otherwise each random part is one compiled program with
-        # its key as an argument (every model of one architecture shares the U-Net's), then the
-        # optimizer state and the EMA are built in one more (eagerly, every leaf would be a dispatch).
-        if start and not config.init_from:
+        # A resumed run needs only the shapes (its checkpoint holds the values, init_from's included).
+        # Otherwise each random part is one compiled program with its key as an argument (every model of
+        # one architecture shares the U-Net's), then the optimizer state and the EMA are built in one
+        # more (eagerly, every leaf would be a dispatch).
+        if start:
             state = jax.eval_shape(lambda: make_state(fresh_params()))
         else:
             params = common.run_init(init_model, k_model) if unet_params is None else init_model(k_model)
