@@ -41,7 +41,7 @@ from fadjax.models import unet as unet_lib
 
 WHATS = ("train_step", "baseline_step", "sample")
 # Dense bf16 matrix rates (TFLOP/s) that MFU is stated against: the H100/H200 SXM datasheet figure, and
-# an 8192^3 bf16 matmul measured through PyTorch on this workplace's H200 (KINDS.md, 2026-10/11).
+# an 8192^3 bf16 matmul measured through PyTorch on an H200 SXM (2026-10/11).
 PEAK_TFLOPS = {"H200": {"spec": 989.4, "measured": 790.0}, "H100": {"spec": 989.4, "measured": None}}
 _FMHA = re.compile(r'custom_call_target="([^"]*fmha[^"]*)"')
 _HOST_CALLS = re.compile(r'custom_call_target="[^"]*(?:callback|host)[^"]*"|\b(?:infeed|outfeed|send|recv)\(',

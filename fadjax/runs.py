@@ -6,6 +6,7 @@ A run's workdir holds ``config.json``, ``run.json``, ``split.json`` and orbax ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
@@ -133,9 +134,9 @@ class DiffusionRun:
         out.update(self.record.get("condition_overrides", {}))
         return out
 
-    @property
+    @functools.cached_property
     def eps_fn(self) -> Callable:
-        """Pure ``eps_fn(params, x, t, labels) -> eps``."""
+        """Pure ``eps_fn(params, x, t, labels) -> eps``; one function per run, so jit caches stay warm."""
         model, tf = self.model, self.text_features
 
         def eps_fn(params, x, t, labels):

@@ -3,11 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
-from fadjax import sampling
-from fadjax.diffusion import make_schedule
+torch = pytest.importorskip("torch")  # Parity with diffusers' schedulers (the test extra).
+from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
+
+from fadjax import sampling  # noqa: E402
+from fadjax.diffusion import make_schedule  # noqa: E402
 
 T = 1000
 SCHEDULE = make_schedule(T, "squaredcos_cap_v2")
