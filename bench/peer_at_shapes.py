@@ -47,9 +47,13 @@ def main(argv=None) -> None:
     p.add_argument("--attention_levels", default=None, help="levels with cross-attention blocks, e.g. 1,2 (default all)")
     p.add_argument("--heads", type=int, required=True)
     p.add_argument("--cross_dim", type=int, required=True)
+    p.add_argument("--norm_num_groups", type=int, default=None, help="GroupNorm groups (default: diffusers' 32)")
     p.add_argument("--batch", type=int, action="append", required=True, help="repeatable")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: the peer's)")
     p.add_argument("--baseline", action="store_true", help="also time the step without the alignment")
+    p.add_argument("--baseline_only", action="store_true",
+                   help="time only the step without the alignment (the peer hooks down block 2 and projects to the last\n"
+                        "block's width, which holds only for three levels)")
     args = p.parse_args(argv)
 
     peer = load_peer(args.peer)
@@ -61,11 +65,14 @@ def main(argv=None) -> None:
         down_block_types=tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n)),
         up_block_types=tuple("CrossAttnUpBlock2D" if n - 1 - j in levels else "UpBlock2D" for j in range(n)),
         sample_size=args.image_size)
+    if args.norm_num_groups is not None:
+        peer.TINY_SD["norm_num_groups"] = args.norm_num_groups
     peer.torch = at_side(peer.torch, args.image_size)
     shapes = {"image_size": args.image_size, "block_out_channels": list(widths), "attention_levels": sorted(levels),
-              "heads": args.heads, "cross_dim": args.cross_dim}
+              "heads": args.heads, "cross_dim": args.cross_dim,
+              "norm_num_groups": peer.TINY_SD.get("norm_num_groups", 32)}
     for batch in args.batch:
-        for align in ((True, False) if args.baseline else (True,)):
+        for align in ((False,) if args.baseline_only else (True, False) if args.baseline else (True,)):
             try:
                 line = peer.bench(batch=batch, align=align, steps=args.steps)
             except Exception as e:  # noqa: BLE001  (keep going, as the peer's own loop)

@@ -19,8 +19,33 @@ LOG=$OUT/bench.log
 T0=$SECONDS
 export JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 log() { echo "[+$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
-log "bench/run_cpu.sh: out $OUT, commit $(git rev-parse --short HEAD 2>/dev/null), $(nproc) cores"
+SETS=${SETS:-cpu quick}  # which sets to run: "cpu" (the cpu preset's shapes), "quick" (the peer's --quick shapes)
+log "bench/run_cpu.sh: sets $SETS, out $OUT, commit $(git rev-parse --short HEAD 2>/dev/null), $(nproc) cores"
 
+# The cpu preset's train step (reproduce --preset cpu: 32x32x1, U-Net 16,32,64,128 with attention at 8x8 and
+# 4x4 only, 4 heads, context 128, 8 groups, batch 32, fp32), ours and the peer's at the same U-Net shapes.
+# The peer's aligned step carries its own ResNet50 expert and CLIP text encoder (and its hook fits only three
+# levels), so the like-for-like ratio is the baseline step (U-Net forward+backward+Adam); the peer's baseline still runs its CLIP text
+# encoder every step, as the paper's code does. Ours: the baseline step and the preset's aligned step
+# (ResNet18 expert at stem width 16).
+if [[ " $SETS " == *" cpu "* ]]; then
+CPUSHAPE="--config configs/feature_aligned.py --config.data.image_size 32 --config.model.block_out_channels 16,32,64,128
+  --config.model.attention_levels 2,3 --config.model.attention_head_dim 4 --config.model.cross_attention_dim 128
+  --config.model.norm_num_groups 8 --config.align.unet_feature down_3_shortcut --dtype float32 --jsonl $JSONL"
+cpu_ours() { log "ours (cpu preset shapes): $*"; python -m fadjax.bench $CPUSHAPE "$@" >>"$LOG" 2>&1 || log "failed rc=$?"; }
+cpu_ours --what baseline_step --batch 32 --warmup 2 --iters 5 --repeats 3
+cpu_ours --what train_step --batch 32 --expert_arch resnet18 --expert_width 16 --warmup 2 --iters 5 --repeats 3
+if [ -f "$PEER" ]; then
+  log "peer at the cpu preset's shapes: bench/peer_at_shapes.py"
+  python3 bench/peer_at_shapes.py "$PEER" --image_size 32 --block_out_channels 16,32,64,128 --attention_levels 2,3 \
+    --heads 4 --cross_dim 128 --norm_num_groups 8 --batch 32 --steps 15 --baseline_only >"$OUT/peer.out" 2>&1 || log "peer failed rc=$?"
+  grep '^{' "$OUT/peer.out" >>"$JSONL"
+  cat "$OUT/peer.out" >>"$LOG"
+  rm -f "$OUT/peer.out"
+fi
+fi
+
+if [[ " $SETS " == *" quick "* ]]; then
 QUICK="--config configs/feature_aligned.py --config.model.block_out_channels 32,64,128
   --config.model.cross_attention_dim 32 --config.model.attention_head_dim 4 --expert_arch resnet50 --expert_width 16
   --dtype float32 --jsonl $JSONL"
@@ -34,27 +59,6 @@ ours --what baseline_step --batch 64 --warmup 0 --iters 1 --repeats 2
 ours --what sample --batch 1 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
 ours --what sample --batch 8 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
 
-# The cpu preset's train step (reproduce --preset cpu: 32x32x1, U-Net 16,32,64,128 with attention at 8x8 and
-# 4x4 only, 4 heads, context 128, 8 groups, batch 32, fp32), ours and the peer's at the same U-Net shapes.
-# The peer's aligned step carries its own ResNet50 expert and CLIP text encoder, so the like-for-like
-# ratio is the baseline step (U-Net forward+backward+Adam); the peer's baseline still runs its CLIP text
-# encoder every step, as the paper's code does. Ours: the baseline step and the preset's aligned step
-# (ResNet18 expert at stem width 16).
-CPUSHAPE="--config configs/feature_aligned.py --config.data.image_size 32 --config.model.block_out_channels 16,32,64,128
-  --config.model.attention_levels 2,3 --config.model.attention_head_dim 4 --config.model.cross_attention_dim 128
-  --config.model.norm_num_groups 8 --config.align.unet_feature down_3_shortcut --dtype float32 --jsonl $JSONL"
-cpu_ours() { log "ours (cpu preset shapes): $*"; python -m fadjax.bench $CPUSHAPE "$@" >>"$LOG" 2>&1 || log "failed rc=$?"; }
-cpu_ours --what baseline_step --batch 32 --warmup 2 --iters 5 --repeats 3
-cpu_ours --what train_step --batch 32 --expert_arch resnet18 --expert_width 16 --warmup 2 --iters 5 --repeats 3
-if [ -f "$PEER" ]; then
-  log "peer at the cpu preset's shapes: bench/peer_at_shapes.py"
-  python3 bench/peer_at_shapes.py "$PEER" --image_size 32 --block_out_channels 16,32,64,128 --attention_levels 2,3 \
-    --heads 4 --cross_dim 128 --batch 32 --steps 15 --baseline >"$OUT/peer.out" 2>&1 || log "peer failed rc=$?"
-  grep '^{' "$OUT/peer.out" >>"$JSONL"
-  cat "$OUT/peer.out" >>"$LOG"
-  rm -f "$OUT/peer.out"
-fi
-
 if [ -f "$PEER" ]; then
   log "peer: python3 $PEER --quick"
   python3 "$PEER" --quick >"$OUT/peer.out" 2>&1 || log "peer failed rc=$?"
@@ -63,6 +67,7 @@ if [ -f "$PEER" ]; then
   rm -f "$OUT/peer.out"
 else
   log "no peer at $PEER"
+fi
 fi
 python3 bench/summarise.py "$JSONL" >"$OUT/summary.md" 2>>"$LOG"
 log "done in $((SECONDS - T0))s"
