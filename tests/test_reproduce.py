@@ -125,6 +125,8 @@ def test_execute_runs_after_dependencies_and_reports_the_first_error(tmp_path):
     # An interrupt returns at once, the stage in flight recorded as incomplete with its time so far.
     (tmp_path / "3").mkdir()
     book = pipeline.Book(tmp_path / "3", "cmd", echo=False)
+    # A shell's background job starts with SIGINT ignored, and Python keeps it so: restore Python's handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def interrupt():
         time.sleep(0.2)
@@ -132,9 +134,12 @@ def test_execute_runs_after_dependencies_and_reports_the_first_error(tmp_path):
         time.sleep(0.3)
 
     t = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.execute([pipeline.Task("slow", (), "s", lambda: False, lambda: time.sleep(5)),
-                          pipeline.Task("irq", (), "i", lambda: False, interrupt)], book, jobs=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.execute([pipeline.Task("slow", (), "s", lambda: False, lambda: time.sleep(5)),
+                              pipeline.Task("irq", (), "i", lambda: False, interrupt)], book, jobs=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - t < 4
     slow = json.loads((tmp_path / "3" / "stages.json").read_text())["stages"]["slow"]
     assert not slow["complete"] and slow["wall_s"] > 0.1 and "interrupted" in slow
