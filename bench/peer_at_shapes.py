@@ -50,10 +50,9 @@ def main(argv=None) -> None:
     p.add_argument("--norm_num_groups", type=int, default=None, help="GroupNorm groups (default: diffusers' 32)")
     p.add_argument("--batch", type=int, action="append", required=True, help="repeatable")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: the peer's)")
-    p.add_argument("--baseline", action="store_true", help="also time the step without the alignment")
-    p.add_argument("--baseline_only", action="store_true",
-                   help="time only the step without the alignment (the peer hooks down block 2 and projects to the last\n"
-                        "block's width, which holds only for three levels)")
+    p.add_argument("--align", choices=("on", "off", "both"), default="on",
+                   help="time the aligned step, the step without the alignment, or both (the peer's alignment hooks\n"
+                        "down block 2 and projects to the last block's width, which fits only three levels)")
     args = p.parse_args(argv)
 
     peer = load_peer(args.peer)
@@ -72,7 +71,7 @@ def main(argv=None) -> None:
               "heads": args.heads, "cross_dim": args.cross_dim,
               "norm_num_groups": peer.TINY_SD.get("norm_num_groups", 32)}
     for batch in args.batch:
-        for align in ((False,) if args.baseline_only else (True, False) if args.baseline else (True,)):
+        for align in {"on": (True,), "off": (False,), "both": (True, False)}[args.align]:
             try:
                 line = peer.bench(batch=batch, align=align, steps=args.steps)
             except Exception as e:  # noqa: BLE001  (keep going, as the peer's own loop)

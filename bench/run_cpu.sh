@@ -20,28 +20,39 @@ T0=$SECONDS
 export JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 log() { echo "[+$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
 SETS=${SETS:-cpu quick}  # which sets to run: "cpu" (the cpu preset's shapes), "quick" (the peer's --quick shapes)
+# peer LABEL ARGS...: runs the peer (python3 ARGS...) and appends its JSON lines to $JSONL, its output to $LOG.
+peer() {
+  local label=$1; shift
+  log "peer: $label"
+  python3 "$@" >"$OUT/peer.out" 2>&1 || log "peer failed rc=$?"
+  grep '^{' "$OUT/peer.out" >>"$JSONL"
+  cat "$OUT/peer.out" >>"$LOG"
+  rm -f "$OUT/peer.out"
+}
+# ours SHAPE ARGS...: our benchmark with the shape flags SHAPE (word-split) and ARGS.
+ours() {
+  local shape=$1; shift
+  log "ours: $*"
+  python -m fadjax.bench $shape "$@" >>"$LOG" 2>&1 || log "failed rc=$?"
+}
 log "bench/run_cpu.sh: sets $SETS, out $OUT, commit $(git rev-parse --short HEAD 2>/dev/null), $(nproc) cores"
 
 # The cpu preset's train step (reproduce --preset cpu: 32x32x1, U-Net 16,32,64,128 with attention at 8x8 and
 # 4x4 only, 4 heads, context 128, 8 groups, batch 32, fp32), ours and the peer's at the same U-Net shapes.
-# The peer's aligned step carries its own ResNet50 expert and CLIP text encoder (and its hook fits only three
-# levels), so the like-for-like ratio is the baseline step (U-Net forward+backward+Adam); the peer's baseline still runs its CLIP text
-# encoder every step, as the paper's code does. Ours: the baseline step and the preset's aligned step
-# (ResNet18 expert at stem width 16).
+# The peer's aligned step carries its own ResNet50 expert and CLIP text encoder (and its hook fits only
+# three levels), so the like-for-like ratio is the baseline step (U-Net forward+backward+Adam); the peer's
+# baseline still runs its CLIP text encoder every step, as the paper's code does. Ours: the baseline step
+# and the preset's aligned step (ResNet18 expert at stem width 16).
 if [[ " $SETS " == *" cpu "* ]]; then
 CPUSHAPE="--config configs/feature_aligned.py --config.data.image_size 32 --config.model.block_out_channels 16,32,64,128
   --config.model.attention_levels 2,3 --config.model.attention_head_dim 4 --config.model.cross_attention_dim 128
   --config.model.norm_num_groups 8 --config.align.unet_feature down_3_shortcut --dtype float32 --jsonl $JSONL"
-cpu_ours() { log "ours (cpu preset shapes): $*"; python -m fadjax.bench $CPUSHAPE "$@" >>"$LOG" 2>&1 || log "failed rc=$?"; }
-cpu_ours --what baseline_step --batch 32 --warmup 2 --iters 5 --repeats 3
-cpu_ours --what train_step --batch 32 --expert_arch resnet18 --expert_width 16 --warmup 2 --iters 5 --repeats 3
+ours "$CPUSHAPE" --what baseline_step --batch 32 --warmup 2 --iters 5 --repeats 3
+ours "$CPUSHAPE" --what train_step --batch 32 --expert_arch resnet18 --expert_width 16 --warmup 2 --iters 5 --repeats 3
 if [ -f "$PEER" ]; then
-  log "peer at the cpu preset's shapes: bench/peer_at_shapes.py"
-  python3 bench/peer_at_shapes.py "$PEER" --image_size 32 --block_out_channels 16,32,64,128 --attention_levels 2,3 \
-    --heads 4 --cross_dim 128 --norm_num_groups 8 --batch 32 --steps 15 --baseline_only >"$OUT/peer.out" 2>&1 || log "peer failed rc=$?"
-  grep '^{' "$OUT/peer.out" >>"$JSONL"
-  cat "$OUT/peer.out" >>"$LOG"
-  rm -f "$OUT/peer.out"
+  peer "at the cpu preset's shapes (bench/peer_at_shapes.py)" bench/peer_at_shapes.py "$PEER" --image_size 32 \
+    --block_out_channels 16,32,64,128 --attention_levels 2,3 --heads 4 --cross_dim 128 --norm_num_groups 8 \
+    --batch 32 --steps 15 --align off
 fi
 fi
 
@@ -49,22 +60,17 @@ if [[ " $SETS " == *" quick "* ]]; then
 QUICK="--config configs/feature_aligned.py --config.model.block_out_channels 32,64,128
   --config.model.cross_attention_dim 32 --config.model.attention_head_dim 4 --expert_arch resnet50 --expert_width 16
   --dtype float32 --jsonl $JSONL"
-ours() { log "ours: $*"; python -m fadjax.bench $QUICK "$@" >>"$LOG" 2>&1 || log "failed rc=$?"; }
 
 # The peer's --quick set: fp32 train steps at batch 4 and 64 (3 warm-up + 2 timed steps), U-Net calls at
 # batch 1 and 8 (3 timed). Ours: the same, plus the baseline step (the alignment's cost).
-ours --what train_step --batch 4 --warmup 1 --iters 2 --repeats 2
-ours --what train_step --batch 64 --warmup 0 --iters 1 --repeats 2
-ours --what baseline_step --batch 64 --warmup 0 --iters 1 --repeats 2
-ours --what sample --batch 1 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
-ours --what sample --batch 8 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
+ours "$QUICK" --what train_step --batch 4 --warmup 1 --iters 2 --repeats 2
+ours "$QUICK" --what train_step --batch 64 --warmup 0 --iters 1 --repeats 2
+ours "$QUICK" --what baseline_step --batch 64 --warmup 0 --iters 1 --repeats 2
+ours "$QUICK" --what sample --batch 1 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
+ours "$QUICK" --what sample --batch 8 --steps 3 --sampler ddpm --warmup 1 --iters 1 --repeats 2
 
 if [ -f "$PEER" ]; then
-  log "peer: python3 $PEER --quick"
-  python3 "$PEER" --quick >"$OUT/peer.out" 2>&1 || log "peer failed rc=$?"
-  grep '^{' "$OUT/peer.out" >>"$JSONL"
-  cat "$OUT/peer.out" >>"$LOG"
-  rm -f "$OUT/peer.out"
+  peer "python3 $PEER --quick" "$PEER" --quick
 else
   log "no peer at $PEER"
 fi
