@@ -9,6 +9,8 @@ Running the same command again on the same workdir resumes from its latest check
 Several hosts: the same command on each, with --coordinator=host0:1234 --num_processes=N
 --process_id=I (or --distributed on Cloud TPU, where JAX discovers them).
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,7 +31,11 @@ def main(argv):
     distributed.initialize(coordinator=FLAGS.coordinator, num_processes=FLAGS.num_processes,
                            process_id=FLAGS.process_id, auto=FLAGS.distributed)
     from fadjax import train
-    summary = train.run(FLAGS.config, FLAGS.workdir)
+    from fadjax.config_lib import ConfigError
+    try:
+        summary = train.run(FLAGS.config, FLAGS.workdir)
+    except ConfigError as e:  # A user's bad value: one line naming the field, exit status 1, no traceback.
+        sys.exit(f"train.py: {e}")
     logging.info("done: %s", summary)
 
 

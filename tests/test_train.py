@@ -164,3 +164,15 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiles, tmp_path):
     assert saved and max(saved) < bad  # Only steps before the bad one were saved.
     params = runs.load_diffusion_run(tmp_path, use_ema=False).params
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_bad_config_value_is_one_line_and_a_nonzero_exit(tmp_path):
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/baseline.py:tiny", "--workdir",
+                        str(tmp_path / "w"), "--config.train.batch_size=-3"],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.strip() == "train.py: config.train.batch_size: -3 must be > 0", r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
