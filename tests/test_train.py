@@ -104,7 +104,8 @@ def test_feature_aligned_tiny_run_logs_both_losses(tiles, expert_workdir, tmp_pa
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tiles, tmp_path, killed_after_first_checkpoint):
-    c = tiny_diffusion_config(tiles, align=False)
+    c = micro(tiny_diffusion_config(tiles, align=False))
+    c.train.num_steps, c.train.checkpoint_every = 6, 3  # the tiny preset's schedule on the micro U-Net
     c.train.ema_decay = 0.9
     train_lib.run(c, tmp_path / "full")
 
@@ -130,8 +131,11 @@ def test_pmap_and_sharded_on_8_devices_match_one_device(tiles, tmp_path):
         c.parallel, c.num_devices = parallel, n
         train_lib.run(c, tmp_path / name)
         results[name] = runs.load_diffusion_run(tmp_path / name, use_ema=False).params
+    # Adam divides by sqrt(v): a gradient entry near zero, summed in another order across devices,
+    # can move its parameter by up to ~lr per step (7.5e-4 here); 2 steps -> atol 2e-4 (seen: 7.9e-5).
     for name in ("sharded", "pmap"):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), results["one"], results[name])
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-4), results["one"], results[name])
+        assert read_metrics(tmp_path / name)[-1]["loss"] == pytest.approx(read_metrics(tmp_path / "one")[-1]["loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("field,value,match", [
