@@ -23,6 +23,8 @@ LR_SCHEDULES = ("constant", "cosine", "cosine_epoch", "step_epoch")
 EXPERT_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "vit_b16")
 COND_MODES = ("class_embed", "clip")
 EXPERT_INPUTS = ("noisy", "clean")
+ALIGN_MODES = ("pooled", "tokens")  # fadjax.align.MODES
+PROJECTORS = ("linear", "mlp")  # fadjax.align.PROJECTORS
 SAMPLERS = ("ddpm", "ddim")
 DATA_RANGES = ("[0,1]", "[-1,1]")  # fadjax.diffusion.DATA_RANGES
 ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.unet.ATTENTION_IMPLEMENTATIONS
@@ -168,7 +170,14 @@ def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.C
     # U-Net feature aligned to the expert: "down_2_shortcut" is the reference code's hook
     # (down_blocks.2.resnets.0.conv_shortcut); "down_2" is the last down block's output.
     c.align.unet_feature = "down_2_shortcut"
-    c.align.expert_feature = "pooled"  # Expert feature aligned to (2048-d pooled for ResNet50).
+    # Any named U-Net feature: down_{i}, down_{i}_shortcut, mid (with a mid block), up_{i} (up block i's output).
+    c.align.expert_feature = "pooled"  # Expert feature: "pooled" (2048-d for ResNet50) or a spatial stage_{s} / block_{i}.
+    # "pooled": the paper, one pooled vector per image, the projector maps the expert's to the U-Net's width.
+    # "tokens": REPA-style, a cosine per spatial position on one grid, the projector maps the U-Net's
+    # tokens to the expert's width (needs a spatial expert_feature). See fadjax/align.py.
+    c.align.mode = "pooled"
+    c.align.projector = "linear"  # "linear" (the paper's W_p) or "mlp" (REPA's Linear-SiLU-Linear-SiLU-Linear).
+    c.align.projector_hidden = 256  # Hidden width of the "mlp" projector (REPA: 2048).
     c.align.expert_input = "noisy"  # "noisy": expert sees x_t (the paper); "clean": x0 (Table I ablation).
     c.align.expert_resize = placeholder(int)  # Resize the expert's input to this size; None = as is (the reference).
 
@@ -320,6 +329,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     a = config.align
     _check(a.weight >= 0, "align.weight", f"{a.weight} must be >= 0")
     _check(a.expert_input in EXPERT_INPUTS, "align.expert_input", f"{a.expert_input!r} is not one of {EXPERT_INPUTS}")
+    _check(a.get("mode", "pooled") in ALIGN_MODES, "align.mode", f"{a.get('mode')!r} is not one of {ALIGN_MODES}")
+    _check(a.get("projector", "linear") in PROJECTORS, "align.projector",
+           f"{a.get('projector')!r} is not one of {PROJECTORS}")
+    _check(a.get("projector_hidden", 256) >= 1, "align.projector_hidden", f"{a.get('projector_hidden')} must be >= 1")
+    _check(not (a.get("mode") == "tokens" and a.expert_feature == "pooled"), "align.expert_feature",
+           "align.mode='tokens' aligns spatial maps: choose a spatial expert feature (e.g. stage_2), not 'pooled'")
     if a.enabled:
         _check(bool(a.expert_workdir) or a.get("train_missing_expert", False), "align.expert_workdir",
                "feature alignment needs a trained expert: train one with `python train.py "

@@ -64,7 +64,7 @@ def test_gradient_flows_to_projection_and_unet_only():
 
 
 def test_shape_errors():
-    with pytest.raises(ValueError, match="projection kernel"):
+    with pytest.raises(ValueError, match="projector maps"):
         align.cosine_alignment_loss(IDENTITY, E, jnp.zeros((2, 4)))
     with pytest.raises(ValueError, match="batch sizes"):
         align.cosine_alignment_loss(IDENTITY, E, jnp.zeros((3, 3)))

@@ -546,7 +546,7 @@ class UNet(nn.Module):
         Returns:
           (eps [B, H, W, out_channels] float32, features): `down_{i}` (output of down block i, after its
           downsampler), `down_{i}_shortcut` (down block i's first resnet's 1x1 conv_shortcut, where it has
-          one), `mid` (with a mid block); all float32.
+          one), `mid` (with a mid block), `up_{i}` (output of up block i, after its upsampler); all float32.
         """
         cfg = self.config
         b, h, w, c = x.shape
@@ -571,8 +571,8 @@ class UNet(nn.Module):
                 features[f"down_{i}_shortcut"] = shortcut
         if self.mid_block is not None:
             x = features["mid"] = self.mid_block(x, temb, context, deterministic)
-        for block in self.up_blocks:
-            x = block(x, tuple(skips[-block.num_layers:]), temb, context, deterministic)
+        for i, block in enumerate(self.up_blocks):
+            x = features[f"up_{i}"] = block(x, tuple(skips[-block.num_layers:]), temb, context, deterministic)
             del skips[-block.num_layers:]
         x = self.conv_out(nn.silu(self.conv_norm_out(x)))  # [B, H, W, out_channels]
 

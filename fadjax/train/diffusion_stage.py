@@ -45,6 +45,7 @@ def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Sc
     """
     a = config.align
     use_align = bool(a.enabled)
+    align_mode = a.get("mode", "pooled")
     data_range = config.diffusion.data_range
 
     def loss_fn(params, consts, x0, labels, noise, t, weights):
@@ -61,8 +62,8 @@ def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Sc
             x_e = jnp.where(hp["expert_clean"], x0, diffusion_lib.from_model_range(x_t, data_range))
             x_e = _resize(x_e, a.expert_resize)
             _, e_feats = expert.apply(consts["expert"], x_e, train=False)
-            align_loss = align_lib.cosine_alignment_loss(
-                params["proj"], e_feats[a.expert_feature], feats[a.unet_feature])
+            align_loss = align_lib.alignment_loss(
+                align_mode, params["proj"], e_feats[a.expert_feature], feats[a.unet_feature])
             loss = loss + hp["align_weight"] * align_loss
             aux["align_loss"] = align_loss
         return loss, aux
@@ -228,12 +229,17 @@ def _load_expert(config, ds, feat_shapes: dict):
         raise config_lib.ConfigError(
             f"config.align.expert_feature: {config.align.expert_feature!r} is not an expert feature; "
             f"choose one of {sorted(e_shapes)}")
-    e_dim = e_shapes[config.align.expert_feature][-1]
-    u_dim = feat_shapes[config.align.unet_feature][-1]
-    logging.info("aligning U-Net %s %s to expert %s %s (%s input) with W_p %dx%d",
-                 config.align.unet_feature, feat_shapes[config.align.unet_feature],
-                 config.align.expert_feature, e_shapes[config.align.expert_feature],
-                 config.align.expert_input, e_dim, u_dim)
+    a = config.align
+    if a.mode == "tokens" and len(e_shapes[a.expert_feature]) != 4:
+        raise config_lib.ConfigError(
+            f"config.align.expert_feature: {a.expert_feature!r} {e_shapes[a.expert_feature]} is not spatial; "
+            f"align.mode='tokens' needs one of {sorted(k for k, v in e_shapes.items() if len(v) == 4)}")
+    e_dim = e_shapes[a.expert_feature][-1]
+    u_dim = feat_shapes[a.unet_feature][-1]
+    d_in, d_out = align_lib.projector_io(a.mode, expert_dim=e_dim, unet_dim=u_dim)
+    logging.info("aligning U-Net %s %s to expert %s %s (%s input), %s mode, %s projector %d -> %d",
+                 a.unet_feature, feat_shapes[a.unet_feature], a.expert_feature, e_shapes[a.expert_feature],
+                 a.expert_input, a.mode, a.projector, d_in, d_out)
     return expert_run, e_dim, u_dim
 
 
@@ -308,7 +314,9 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
                           text_features=text_features)
 
     def init_proj(key):
-        return align_lib.init_projection(key, e_dim, u_dim)
+        a = config.align
+        d_in, d_out = align_lib.projector_io(a.mode, expert_dim=e_dim, unet_dim=u_dim)
+        return align_lib.init_projector(key, d_in, d_out, kind=a.projector, hidden=a.projector_hidden)
 
     def fresh_params():
         params = init_model(k_model)
