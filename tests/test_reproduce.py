@@ -166,6 +166,23 @@ def test_changed_training_settings_are_refused(micro_run):
         pipeline.check_workdir(out / "runs" / name, c)
 
 
+def test_models_choice_trains_a_variant_beside_the_completed_stages(micro_run):
+    out, argv, _, _ = micro_run
+    s = reproduce_main(argv + ["--models", "repa_tokens_x0"])
+    last = json.loads((out / "stages.json").read_text())["invocations"][-1]
+    assert sorted(last["ran"]) == ["eval/expert/repa_tokens_x0", "eval/judge2/repa_tokens_x0", "report",
+                                   "sample/repa_tokens_x0", "train/repa_tokens_x0"]
+    assert {"train/expert", "train/judge2", "train/baseline", "sample/baseline"} <= set(last["skipped"])
+    assert list(s["models"]) == ["baseline", "repa_tokens_x0"]
+    assert s["models"]["repa_tokens_x0"]["label"] == "tokens+MLP on x0"
+    resolved = json.loads((out / "runs" / "repa_tokens_x0" / "config.json").read_text())
+    assert resolved["align"]["mode"] == "tokens" and resolved["align"]["projector"] == "mlp"
+    report = (out / "report.md").read_text()
+    assert "align.mode = 'tokens' (paper: one pooled vector per image)" in report
+    with pytest.raises(SystemExit):
+        reproduce_main(argv + ["--models", "baseline,nope"])
+
+
 def test_presets_resolve_and_list_their_deviations():
     paper = presets.build("paper", data="folder:/x", seeds=None, expert_workdir="e", cache_dir="c")
     assert paper.expert.expert.arch == "resnet50" and paper.judge2.expert.arch == "resnet34"
@@ -196,7 +213,7 @@ def test_presets_resolve_and_list_their_deviations():
     assert tiny.models["fad_x0"].model.block_out_channels == "8,16" and tiny.judge2.expert.arch == "resnet18"
     assert tiny.models["fad_xt"].align.weight == 0.5 and tiny.models["fad_x0"].align.weight == 1.0
     assert tiny.sample.seeds == "3,5" and tiny.expert.data.source == "demo:10" and tiny.expert.data.cache is None
-    assert "aligned models: align.weight = 0.5 (paper: w2 = 1)" in presets.deviations(tiny)
+    assert "fad_xt: align.weight = 0.5 (paper: w2 = 1)" in presets.deviations(tiny)  # only fad_xt has it
     with pytest.raises(presets.PresetError, match="unknown group"):
         presets.parse_overrides(["model.x=1"])
     with pytest.raises(presets.PresetError, match="no field 'num_stepz'"):

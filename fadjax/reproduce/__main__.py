@@ -30,13 +30,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=None,
                    help="stages run at once, in threads (default: the preset's; fast: 3)")
     p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
-                   help="override a config field: GROUP is expert, judge2, diffusion (every model), baseline, "
-                        "fad_xt or fad_x0; e.g. --set diffusion.train.num_steps=200 (repeatable)")
+                   help="override a config field: GROUP is expert, judge2, diffusion (every model), "
+                        "pretrain or a model's name; e.g. --set diffusion.train.num_steps=200 (repeatable)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated models to train beside the baseline, from: "
+                        + ", ".join(presets.MODELS) + " (default: the paper's " + ",".join(presets.DEFAULT_MODELS)
+                        + "); completed stages of OUT (judges, baseline, ...) are reused")
     p.add_argument("--list_presets", action="store_true", help="print every preset's values and exit")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Runs the pipeline; a bad flag, preset field or data source prints one line and exits 2."""
+    from fadjax import config_lib
+    from fadjax.data import DataError
+    from fadjax.reproduce import presets
+    try:
+        return _main(argv)
+    except (presets.PresetError, config_lib.ConfigError, DataError) as e:
+        print(f"python -m fadjax.reproduce: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_data(configs) -> None:
+    """The data source of every stage exists and has classes, before any stage starts (DataError if not)."""
+    from fadjax.data import DataError, sources
+    for c in (configs.expert, *configs.models.values()):
+        classes = [n.strip() for n in c.data.classes.split(",")] if c.data.get("classes") else None
+        if sources.class_names(c.data.source, classes=classes) is None:
+            raise DataError(f"--data {c.data.source!r}: no such folder")
+
+
+def _main(argv: Sequence[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from fadjax.reproduce import pipeline, presets
@@ -58,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                             expert_workdir=str(out / "runs" / "expert"),
                             pretrain_workdir=str(out / "runs" / presets.PRETRAIN),
                             cache_dir=args.cache_dir or str(out / "cache"),
-                            overrides=presets.parse_overrides(args.set))
+                            overrides=presets.parse_overrides(args.set), models=presets.parse_models(args.models))
+    check_data(configs)
     command = "python -m fadjax.reproduce " + shlex.join(argv)
     jobs = args.jobs or presets.PRESETS[args.preset]["jobs"]
     # A `timeout` or scheduler kill still records the interrupted stage's time in stages.json.

@@ -366,9 +366,9 @@ def eval_task(name: str, judge_name: str, judge: Callable, gens: Task, judge_tas
 
 # ----------------------------------------------------------------------------- everything
 
-def layout(out: pathlib.Path) -> dict:
-    """Where each stage writes, under OUT."""
-    models = [m[0] for m in presets.MODELS]
+def layout(out: pathlib.Path, models=tuple(presets.MODELS)) -> dict:
+    """Where each stage writes, under OUT (every model's folder is its name: runs of one OUT are shared by
+    invocations with different ``--models``)."""
     return {
         "runs": {n: out / "runs" / n for n in ("expert", "judge2", presets.PRETRAIN, *models)},
         "gens": {n: out / "gens" / n for n in models},
@@ -380,7 +380,7 @@ def layout(out: pathlib.Path) -> dict:
 def plan(configs: presets.Configs, out: pathlib.Path) -> tuple[list[Task], dict]:
     """Every stage as a task, in the order they are started; and the layout of OUT."""
     from fadjax.reproduce import summary as summary_lib
-    paths = layout(out)
+    paths = layout(out, tuple(configs.models))
     tasks: dict[str, Task] = {}
     start = {}  # The shared pre-training every model starts from, when the preset has one: it starts first,
     if configs.pretrain is not None:  # the longest stage, so that the judges train beside it (jobs > 1).

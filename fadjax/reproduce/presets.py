@@ -47,15 +47,50 @@ import ml_collections
 
 from fadjax import config_lib
 
-# The three compared diffusion models: (name, feature alignment on, config variant).
-MODELS = (
-    ("baseline", False, None),   # Paper §III: the plain U-Net.
-    ("fad_xt", True, None),      # Paper §IV: expert features of the noisy x_t (the method).
-    ("fad_x0", True, "clean"),   # Table I ablation: expert features of the clean x0.
-)
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A diffusion model reproduce can train: alignment on or off, a config variant and fields of its own."""
+
+    label: str  # How reports name it.
+    align: bool  # Feature alignment on.
+    variant: str | None = None  # Config variant (e.g. "clean": the expert sees x0).
+    fields: tuple[tuple[str, Any], ...] = ()  # Its own config fields, applied after the preset's diffusion group.
+
+
+# REPA-style token-wise alignment (issue 16): a cosine per position between the U-Net feature's tokens,
+# projected by REPA's 3-layer MLP, and the expert's spatial map (its second stage: at 32 px a 4x4 grid,
+# the grid of the paper's hook there); weight 0.5 as REPA.
+_TOKENS = (("align.mode", "tokens"), ("align.projector", "mlp"), ("align.expert_feature", "stage_2"),
+           ("align.weight", 0.5))
+# Every model reproduce knows; ``--models`` picks some (the baseline always, every comparison is to it).
+MODELS: dict[str, Model] = {
+    "baseline": Model("baseline", False),                      # Paper §III: the plain U-Net.
+    "fad_xt": Model("aligned on x_t", True),                   # Paper §IV: expert features of the noisy x_t.
+    "fad_x0": Model("aligned on x0", True, "clean"),           # Table I ablation: expert features of the clean x0.
+    "repa_tokens_x0": Model("tokens+MLP on x0", True, "clean", _TOKENS),  # REPA: the clean image's features.
+    "repa_tokens_xt": Model("tokens+MLP on x_t", True, None, _TOKENS),
+}
+DEFAULT_MODELS = ("baseline", "fad_xt", "fad_x0")  # The paper's comparison.
+BASELINE = "baseline"
 JUDGES = ("expert", "judge2")  # "expert" is the judge of the paper (it is also the alignment target).
 # "pretrain": the shared pre-training of the U-Net (a preset with a "pretrain" group; see ``build``).
-GROUPS = ("expert", "judge2", "diffusion", "pretrain") + tuple(m[0] for m in MODELS)
+GROUPS = ("expert", "judge2", "diffusion", "pretrain") + tuple(MODELS)
+
+
+def parse_models(text: str | None) -> tuple[str, ...]:
+    """``--models`` (comma-separated names of ``MODELS``; None = the paper's three), baseline first."""
+    if not text:
+        return DEFAULT_MODELS
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise PresetError(f"--models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if len(set(names)) != len(names):
+        raise PresetError(f"--models {text!r}: a model is named twice")
+    return (BASELINE, *[n for n in names if n != BASELINE])
+
+
 PRETRAIN = "pretrain"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -298,6 +333,9 @@ PAPER: tuple[tuple[str, str, Any, str], ...] = (
     ("diffusion", "align.weight", 1.0, "w2 = 1"),
     ("diffusion", "align.unet_feature", "down_2_shortcut", "the reference code's hook down_2_shortcut"),
     ("diffusion", "align.expert_resize", None, "expert sees the 64 px x_t as is"),
+    ("diffusion", "align.mode", "pooled", "one pooled vector per image"),
+    ("diffusion", "align.projector", "linear", "a linear W_p"),
+    ("diffusion", "align.expert_feature", "pooled", "the expert's pooled feature"),
     ("diffusion", "sample.sampler", "ddpm", "DDPM"),
     ("diffusion", "sample.steps", None, "all 1000 steps"),
     ("diffusion", "sample.num_per_class", 10, "10 images per class"),
@@ -368,18 +406,18 @@ class Configs:
     preset: str
     expert: ml_collections.ConfigDict
     judge2: ml_collections.ConfigDict
-    models: dict[str, ml_collections.ConfigDict]  # baseline, fad_xt, fad_x0
+    models: dict[str, ml_collections.ConfigDict]  # baseline first, then the chosen models
     pretrain: ml_collections.ConfigDict | None = None  # The shared pre-training every model starts from.
 
     @property
     def sample(self) -> ml_collections.ConfigDict:
         """The sampling settings shared by every model (the baseline's copy)."""
-        return self.models[MODELS[0][0]].sample
+        return self.models[BASELINE].sample
 
 
 def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: str,
           cache_dir: str | None, overrides: dict[str, dict[str, Any]] | None = None,
-          pretrain_workdir: str | None = None) -> Configs:
+          pretrain_workdir: str | None = None, models: tuple[str, ...] = DEFAULT_MODELS) -> Configs:
     """The resolved configs of every stage.
 
     Args:
@@ -394,6 +432,7 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
       overrides: ``{group: {field: value}}`` applied last (the CLI's ``--set``): ``expert`` and
         ``judge2`` to that judge only, ``diffusion`` to every model (and the pre-training), a model's
         name to that model, ``pretrain`` to the pre-training.
+      models: names of ``MODELS`` to train (the baseline first; :func:`parse_models`).
 
     A preset with a ``pretrain`` group trains one baseline U-Net first (the ``diffusion`` fields, then
     the ``pretrain`` ones, e.g. its length), ``OUT/runs/pretrain``; every model then starts from it
@@ -432,20 +471,29 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
         apply(apply(pretrain, p[PRETRAIN]), overrides.get(PRETRAIN, {}))
     elif overrides.get(PRETRAIN):
         raise PresetError(f"--set pretrain.*: preset {preset!r} has no shared pre-training")
-    models = {}
-    for name, align, extra in MODELS:
-        arg = ",".join(v for v in (variant, extra) if v) or None
-        c = apply(config_lib.diffusion_config(arg, align=align), p["diffusion"])
+    if not models or models[0] != BASELINE:
+        raise PresetError(f"models {models}: the baseline comes first")
+    for name in overrides:
+        if name in MODELS and name not in models:
+            raise PresetError(f"--set {name}.*: {name} is not one of the trained models {', '.join(models)}")
+    chosen = {}
+    for name in models:
+        m = MODELS[name]
+        arg = ",".join(v for v in (variant, m.variant) if v) or None
+        c = apply(config_lib.diffusion_config(arg, align=m.align), p["diffusion"])
         apply(c, overrides.get("diffusion", {}))
+        apply(c, dict(m.fields))
         apply(c, overrides.get(name, {}))
+        align = m.align
         if pretrain is not None:
             c.init_from = pretrain_workdir
         if align:
             c.align.expert_workdir = expert_workdir
         if seeds is not None:
             c.sample.seeds = seeds
-        models[name] = finish(c)
-    shared = {k: models[MODELS[0][0]].sample.get(k) for k in models[MODELS[0][0]].sample}
+        chosen[name] = finish(c)
+    models = chosen
+    shared = {k: models[BASELINE].sample.get(k) for k in models[BASELINE].sample}
     for name, c in models.items():
         if {k: c.sample.get(k) for k in c.sample} != shared:
             raise PresetError(f"{name}: sample.* differs from the baseline's; every model must share the "
@@ -466,9 +514,10 @@ def deviations(configs: Configs) -> list[str]:
         out.append(f"data: {source} (built-in procedural textures; paper: {PAPER_DATA})")
     for group, path, paper, what in PAPER:
         targets = ([("expert", configs.expert)] if group == "expert" else
-                   [("diffusion", configs.models[MODELS[0][0]])] if not path.startswith("align.") else
+                   [("diffusion", configs.models[BASELINE])] if not path.startswith("align.") else
                    [(name, c) for name, c in configs.models.items() if c.align.enabled])
-        seen = set()
+        aligned = [n for n, c in configs.models.items() if c.align.enabled]
+        seen = {}  # shown -> the models it holds for
         for name, c in targets:
             v = c
             for part in path.split("."):
@@ -477,12 +526,13 @@ def deviations(configs: Configs) -> list[str]:
             shown = f"{path} = {_fmt(v)}"
             if path == "train.num_epochs" and v is None:
                 shown = f"train.num_steps = {c.train.num_steps}"
-            if not ok and shown not in seen:
-                seen.add(shown)
-                label = "diffusion (all models)" if name == "diffusion" else name
-                if path.startswith("align."):
-                    label = "aligned models"
-                out.append(f"{label}: {shown} (paper: {what})")
+            if not ok:
+                seen.setdefault(shown, []).append(name)
+        for shown, names in seen.items():
+            label = "diffusion (all models)" if names == ["diffusion"] else names[0]
+            if path.startswith("align."):
+                label = "aligned models" if names == aligned else ", ".join(names)
+            out.append(f"{label}: {shown} (paper: {what})")
     if configs.pretrain is not None:
         c = configs.pretrain
         out.append(f"diffusion (all models): start from a shared pre-training of the U-Net here "

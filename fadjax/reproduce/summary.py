@@ -23,7 +23,7 @@ from fadjax import report as report_lib
 from fadjax.reproduce import presets
 
 OUTPUTS = ("report.md", "summary.json", "accuracy_by_judge.png")
-LABELS = {"baseline": "baseline", "fad_xt": "aligned on x_t", "fad_x0": "aligned on x0"}
+LABELS = {name: m.label for name, m in presets.MODELS.items()}
 PAPER_DELTA = 0.09  # The paper: feature-aligned minus baseline, +9 points, judged by the expert it aligned to.
 
 
