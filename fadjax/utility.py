@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -52,11 +53,15 @@ KEYS = ("tstr_accuracy", "trtr_accuracy", "augment_gain", "fd_judge2", "precisio
 # ----------------------------------------------------------------------------- statistics
 
 def summarise(per_seed: Mapping[Any, float]) -> dict:
-    """``{"mean", "std", "n", "per_seed": {str(seed): v}, "ci95": [low, high]}`` (NaN bounds for n < 2)."""
+    """``{"mean", "std", "n", "per_seed": {str(seed): v}, "ci95": [low, high]}`` (None bounds for n < 2).
+
+    The interval is the 95% Student-t interval of :func:`fadjax.metrics.mean_interval`.
+    """
     values = [float(v) for v in per_seed.values()]
     iv = metrics.mean_interval(values)
-    return {"mean": iv["mean"], "std": iv["std"], "n": iv["n"],
-            "per_seed": {str(k): float(v) for k, v in per_seed.items()}, "ci95": [iv["ci_low"], iv["ci_high"]]}
+    return _clean({"mean": iv["mean"], "std": iv["std"], "n": iv["n"],
+                   "per_seed": {str(k): float(v) for k, v in per_seed.items()},
+                   "ci95": [iv["ci_low"], iv["ci_high"]]})
 
 
 # ----------------------------------------------------------------------------- distribution metrics
@@ -79,10 +84,12 @@ def frechet_distance(feats_a, feats_b) -> float:
         raise ValueError(f"the Fréchet distance needs >= 2 samples per set, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.all(np.isfinite(covmean)):
-        eye = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + eye) @ (s_b + eye))
+    with warnings.catch_warnings():  # Singular products (fewer samples than dimensions) are expected.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)
+        if not np.all(np.isfinite(covmean)):
+            eye = np.eye(len(s_a)) * 1e-6
+            covmean = linalg.sqrtm((s_a + eye) @ (s_b + eye))
     if np.iscomplexobj(covmean):
         scale = max(1.0, float(np.abs(np.trace(s_a)) + np.abs(np.trace(s_b))))
         if np.max(np.abs(covmean.imag)) > 1e-3 * scale:
@@ -168,29 +175,33 @@ def _match_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return np.round(luma)[..., None].astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _feature_fn(module, size: int):
+    @jax.jit
+    def feats(variables, x):
+        if x.shape[1] != size or x.shape[2] != size:
+            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
+        return module.apply(variables, x, train=False)[1]["pooled"].astype(jnp.float32)
+    return feats
+
+
 def pooled_features(expert_run, images: np.ndarray, *, batch_size: int = 128) -> np.ndarray:
     """``features['pooled']`` ``[N, D]`` (float64) of a judge (an ``ExpertRun``) for uint8 ``[N,H,W,C]`` images.
 
     Images are matched to the judge's channels and resized (bilinear) to its size, in fixed-size
-    padded batches, eval mode.
+    padded batches (one compiled shape per input size), eval mode.
     """
-    module, variables, size = expert_run.module, expert_run.variables, int(expert_run.image_size)
-
-    @jax.jit
-    def feats(x):
-        if x.shape[1] != size or x.shape[2] != size:
-            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
-        return module.apply(variables, x, train=False)[1]["pooled"].astype(jnp.float32)
-
+    fn = _feature_fn(expert_run.module, int(expert_run.image_size))
     images = _match_channels(np.asarray(images), int(expert_run.channels))
-    batch_size = max(1, min(batch_size, len(images)))
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pad = batch_size - len(chunk)
         x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-        out.append(np.asarray(feats(x.astype(np.float32) / 255.0), np.float64)[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, 0))
+        out.append(np.asarray(fn(expert_run.variables, x.astype(np.float32) / 255.0), np.float64)[:len(chunk)])
+    if not out:
+        raise ValueError("pooled_features: no images")
+    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -208,7 +219,8 @@ class ClassifierSpec:
       lr: peak learning rate of the per-step cosine schedule (to 0 at the last step).
       weight_decay: decoupled weight decay (AdamW) when > 0, else Adam.
       epochs: passes over the training set (steps = epochs * ceil(N / batch_size), at least ``min_steps``).
-      batch_size: batch size (the whole set when smaller).
+      batch_size: batch size (always full: a set smaller than a batch fills it from consecutive
+        permutations, so every training run shares one compiled step).
       hflip, vflip: random flips during training.
       min_steps: lower bound on the number of optimizer steps.
     """
@@ -227,8 +239,7 @@ class ClassifierSpec:
     min_steps: int = 0
 
     def steps_for(self, num_examples: int) -> int:
-        return max(int(self.epochs) * math.ceil(num_examples / max(1, min(self.batch_size, num_examples))),
-                   int(self.min_steps), 1)
+        return max(int(self.epochs) * math.ceil(num_examples / self.batch_size), int(self.min_steps), 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -341,7 +352,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, spec: Classifier
     num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
     _, init, train_step, _ = _programs(spec, num_classes)
     steps = int(steps) if steps is not None else spec.steps_for(len(images))
-    b = min(spec.batch_size, len(images))
+    b = spec.batch_size
     t0 = time.time()
     key = jax.random.key(int(seed))
     variables, opt_state = init(jax.random.fold_in(key, 0))
@@ -368,7 +379,6 @@ def predict(classifier: dict, images: np.ndarray, *, batch_size: int = 256) -> n
     spec = classifier["spec"]
     _, _, _, fn = _programs(spec, classifier["num_classes"])
     images = _match_channels(np.asarray(images), spec.channels)
-    batch_size = max(1, min(batch_size, len(images)))
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -429,7 +439,8 @@ def tstr(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, 
 
     Returns:
       ``{"tstr_accuracy": summary, "trtr_accuracy": summary, "tstr_minus_trtr": summary (paired),
-      "num_train": {"generated", "real"}, "steps": {"tstr", "trtr"}, "seconds_per_classifier"}``,
+      "num_train": {"generated", "real"}, "num_val", "steps": {"tstr", "trtr"}, "seconds_per_classifier"
+      (median wall time of one training, the first one's compile included in its own)}``,
       summaries as :func:`summarise`.
     """
     gen_labels = np.asarray(gen_labels)
@@ -457,7 +468,7 @@ def tstr(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, 
     diff = {s: t_acc[s] - r_acc[s] for s in t_acc}
     return {"tstr_accuracy": summarise(t_acc), "trtr_accuracy": summarise(r_acc), "tstr_minus_trtr": summarise(diff),
             "num_train": {"generated": int(len(gy)), "real": n_real}, "num_val": int(len(vy)), "steps": steps,
-            "seconds_per_classifier": float(np.mean(secs))}
+            "seconds_per_classifier": float(np.median(secs))}
 
 
 def augment_gain(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, fraction: float = 0.1,
@@ -518,8 +529,8 @@ def _per_seed_distribution(real_feats, gen_feats, gen_seeds, k: int) -> dict:
         m = distribution_metrics(real_feats, f, k)
         for key in per:
             per[key][int(s)] = m[key]
-    return {key: {"value": out["value"][key], **(summarise(per[key]) if per[key] else {})} for key in per} | {
-        "n_real": out["value"]["n_real"], "n_generated": out["value"]["n_generated"]}
+    sizes = {"n_real": out["value"]["n_real"], "n_generated": out["value"]["n_generated"]}
+    return {key: {"value": out["value"][key], **(summarise(per[key]) if per[key] else {}), **sizes} for key in per}
 
 
 def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_seeds=None,
@@ -550,7 +561,7 @@ def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_
       "n_half"}, "judge", "classifier", "seeds", "k", "num_generated", "num_real_val", "notes"}``;
       accuracy-like entries are summaries ``{"mean", "std", "n", "per_seed", "ci95"}``; the
       distribution entries add ``"value"`` (all generated images against all real validation
-      images; ``mean``/``ci95`` over generation seeds). Undefined numbers (e.g. the ci95 of a
+      images; ``mean``/``ci95`` over generation seeds) and ``n_real``, ``n_generated``. Undefined numbers (e.g. the ci95 of a
       single seed) are None.
     """
     spec = spec or spec_from_run(judge)
