@@ -432,12 +432,12 @@ def _fail(message: str) -> SystemExit:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.utility and args.generated is None:
+        raise _fail("--utility needs --generated DIR (the images whose utility is measured)")
     if args.generated is None and not args.real:
         raise SystemExit("python -m fadjax.evaluate: give --generated DIR (images to judge) or --real SOURCE "
                          "(a real test set to judge)")
     if args.utility:
-        if args.generated is None:
-            raise _fail("--utility needs --generated DIR (the images whose utility is measured)")
         if args.utility_seeds < 1:
             raise _fail(f"--utility_seeds must be >= 1, got {args.utility_seeds}")
         if not 0.0 < args.augment_fraction <= 1.0:
