@@ -193,6 +193,7 @@ def utility(results: Mapping[str, Mapping], path: str | os.PathLike, *, title: s
                 ax.axhline(float(np.mean(refs)), color=colours[i % len(colours)], linestyle="--",
                            label=f"{label}: real vs real")
         ax.set_ylabel(ylabel)
+        ax.set_xlabel("bars: all generated images; dots: mean over seeds, 95% CI", fontsize="small")
         ax.legend(fontsize="small")
     axes[2].set_ylim(0.0, 1.05)
     axes[2].set_title("precision / recall (k-NN, k=3)")

@@ -37,6 +37,7 @@ import functools
 import math
 import time
 import warnings
+import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -420,13 +421,33 @@ def _draw_per_class(y: np.ndarray, counts: Mapping[int, int], seed: int, salt: i
     return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
 
 
+def _fingerprint(*arrays) -> str:
+    """A cheap content key of arrays (shapes, dtypes and CRC-32 of the bytes), for ``cache``."""
+    h = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.append(f"{a.shape}{a.dtype}{zlib.crc32(a.view(np.uint8).ravel()) if a.size else 0}")
+    return "|".join(h)
+
+
+def _cached(cache: dict | None, key, fn: Callable[[], float]) -> float:
+    """``fn()``, or the value ``cache`` holds under ``key`` (stored there after a call)."""
+    if cache is None:
+        return fn()
+    if key not in cache:
+        cache[key] = fn()
+    else:
+        logging.info("utility: reusing the cached reference accuracy %s", key[0])
+    return cache[key]
+
+
 def _check_val(val_y: np.ndarray) -> None:
     if len(val_y) == 0:
         raise ValueError("the real validation split holds no image of the generated classes")
 
 
 def tstr(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, seeds: Sequence[int] = (0, 1, 2),
-         log: Callable[[str], None] | None = None) -> dict:
+         log: Callable[[str], None] | None = None, cache: dict | None = None) -> dict:
     """Train-on-synthetic-test-on-real, with the real-trained reference on as many images per class.
 
     Args:
@@ -436,6 +457,9 @@ def tstr(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, 
       spec: classifier architecture and recipe.
       seeds: classifier seeds (TSTR and TRTR use the same ones; TRTR's real draw per class is
         ``default_rng([seed, 2, class])``).
+      cache: a dict shared between calls (e.g. one per judge across models): TRTR accuracies
+        (which depend only on the real data, the counts per class, the recipe and the seed) are
+        computed once and reused.
 
     Returns:
       ``{"tstr_accuracy": summary, "trtr_accuracy": summary, "tstr_minus_trtr": summary (paired),
@@ -455,15 +479,22 @@ def tstr(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, 
         clf = train_classifier(gx, gy, spec=spec, seed=s, num_classes=len(classes), log=log,
                                name=f"TSTR seed {s}")
         t_acc[int(s)] = accuracy(clf, vx, vy)
-        steps["tstr"], secs = clf["steps"], secs + [clf["seconds"]]
+        steps["tstr"] = clf["steps"]
+        secs.append(clf["seconds"])
         idx = _draw_per_class(ty, counts, s, 2)
         if len(idx) < len(gy):
             logging.warning("TRTR: the real training split has %d images of the generated classes, "
                             "fewer than the %d generated ones", len(idx), len(gy))
-        clf = train_classifier(tx_[idx], ty[idx], spec=spec, seed=s, num_classes=len(classes), log=log,
-                               name=f"TRTR seed {s}")
-        r_acc[int(s)] = accuracy(clf, vx, vy)
-        steps["trtr"], n_real, secs = clf["steps"], int(len(idx)), secs + [clf["seconds"]]
+
+        def trtr_run(idx=idx, s=s):
+            clf = train_classifier(tx_[idx], ty[idx], spec=spec, seed=s, num_classes=len(classes), log=log,
+                                   name=f"TRTR seed {s}")
+            secs.append(clf["seconds"])
+            return accuracy(clf, vx, vy)
+
+        key = ("trtr", spec, int(s), tuple(sorted(counts.items())), _fingerprint(tx_, ty, vx, vy))
+        r_acc[int(s)] = _cached(cache, key, trtr_run)
+        steps["trtr"], n_real = spec.steps_for(len(idx)), int(len(idx))
         (log or logging.info)(f"seed {s}: TSTR accuracy {t_acc[int(s)]:.3f}, TRTR accuracy {r_acc[int(s)]:.3f}")
     diff = {s: t_acc[s] - r_acc[s] for s in t_acc}
     return {"tstr_accuracy": summarise(t_acc), "trtr_accuracy": summarise(r_acc), "tstr_minus_trtr": summarise(diff),
@@ -472,12 +503,14 @@ def tstr(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, 
 
 
 def augment_gain(gen_images, gen_labels, real_train, real_val, *, spec: ClassifierSpec, fraction: float = 0.1,
-                 seeds: Sequence[int] = (0, 1, 2), log: Callable[[str], None] | None = None) -> dict:
+                 seeds: Sequence[int] = (0, 1, 2), log: Callable[[str], None] | None = None,
+                 cache: dict | None = None) -> dict:
     """Real-validation accuracy of a classifier on a small real subset, with and without the generated images.
 
     The subset holds ``max(1, round(fraction * n_c))`` real training images of each generated class
     ``c`` (``default_rng([seed, 3, class])``); both arms use the same seed, subset and number of
-    steps (``spec.steps_for`` of the augmented set).
+    steps (``spec.steps_for`` of the augmented set). ``cache`` as in :func:`tstr` (the real-only
+    arm depends only on the real data, fraction, steps, recipe and seed).
 
     Returns:
       ``{"augment_gain": summary of with - without (paired), "accuracy_real_only": summary,
@@ -502,9 +535,14 @@ def augment_gain(gen_images, gen_labels, real_train, real_val, *, spec: Classifi
         idx = _draw_per_class(ty, counts, s, 3)
         ax, ay = np.concatenate([tx_[idx], gx]), np.concatenate([ty[idx], gy])
         steps = spec.steps_for(len(ax))
-        clf = train_classifier(tx_[idx], ty[idx], spec=spec, seed=s, num_classes=len(classes), steps=steps,
-                               log=log, name=f"augment seed {s}: real only")
-        without[int(s)] = accuracy(clf, vx, vy)
+
+        def real_only(idx=idx, s=s, steps=steps):
+            clf = train_classifier(tx_[idx], ty[idx], spec=spec, seed=s, num_classes=len(classes), steps=steps,
+                                   log=log, name=f"augment seed {s}: real only")
+            return accuracy(clf, vx, vy)
+
+        key = ("real_only", spec, int(s), float(fraction), int(steps), _fingerprint(tx_, ty, vx, vy))
+        without[int(s)] = _cached(cache, key, real_only)
         clf = train_classifier(ax, ay, spec=spec, seed=s, num_classes=len(classes), steps=steps, log=log,
                                name=f"augment seed {s}: real + generated")
         with_[int(s)] = accuracy(clf, vx, vy)
@@ -536,7 +574,7 @@ def _per_seed_distribution(real_feats, gen_feats, gen_seeds, k: int) -> dict:
 def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_seeds=None,
                     spec: ClassifierSpec | None = None, seeds: Sequence[int] = (0, 1, 2),
                     augment_fraction: float = 0.1, k: int = 3, judge_role: str = "judge2",
-                    log: Callable[[str], None] | None = None) -> dict:
+                    log: Callable[[str], None] | None = None, cache: dict | None = None) -> dict:
     """All utility numbers of one model's generations; JSON-serialisable (NaN where undefined).
 
     Args:
@@ -554,6 +592,10 @@ def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_
       augment_fraction: real training share of the augmentation experiment.
       k: neighbourhood size of precision/recall.
       judge_role: what to call the judge in the record (e.g. ``"expert (no judge2 given)"``).
+      log: progress callback, one line per trained classifier; None = absl logging.
+      cache: a dict to pass to every call for the same judge and real data (e.g. across the models
+        of one report): the real-only references (TRTR, the augmentation's real-only arm) are then
+        trained once for models with the same number of generated images per class.
 
     Returns:
       ``{"tstr_accuracy", "trtr_accuracy", "tstr_minus_trtr", "augment_gain", "augment": {...},
@@ -569,9 +611,9 @@ def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_
     gen_images, gen_labels = np.asarray(gen_images), np.asarray(gen_labels)
     gen_seeds = np.zeros(len(gen_images), np.int64) if gen_seeds is None else np.asarray(gen_seeds)
     t0 = time.time()
-    t = tstr(gen_images, gen_labels, real_train, real_val, spec=spec, seeds=seeds, log=log)
+    t = tstr(gen_images, gen_labels, real_train, real_val, spec=spec, seeds=seeds, log=log, cache=cache)
     a = augment_gain(gen_images, gen_labels, real_train, real_val, spec=spec, fraction=augment_fraction,
-                     seeds=seeds, log=log)
+                     seeds=seeds, log=log, cache=cache)
     classes = _classes_of(gen_labels)
     vx, _ = _restrict(*real_val, classes)
     real_feats = pooled_features(judge, vx)

@@ -76,8 +76,8 @@ def test_real_reference_and_summaries():
 
 def test_tstr_on_separable_data():
     gen, real_train, real_val = tiles(60, 0, shift=10.0), tiles(90, 1), tiles(30, 2)
-    logs = []
-    out = utility.tstr(*gen, real_train, real_val, spec=SPEC, seeds=(0, 1, 2), log=logs.append)
+    logs, cache = [], {}
+    out = utility.tstr(*gen, real_train, real_val, spec=SPEC, seeds=(0, 1, 2), log=logs.append, cache=cache)
     for key in ("tstr_accuracy", "trtr_accuracy", "tstr_minus_trtr"):
         s = out[key]
         assert set(s["per_seed"]) == {"0", "1", "2"} and s["n"] == 3
@@ -88,6 +88,13 @@ def test_tstr_on_separable_data():
     assert out["num_train"] == {"generated": 60, "real": 60} and out["steps"] == {"tstr": 60, "trtr": 60}
     assert sum("TSTR seed" in line for line in logs) == 3 and sum("TRTR seed" in line for line in logs) == 3
     print(f"seconds per TSTR classifier (median): {out['seconds_per_classifier']:.2f}")
+
+    # Another model with as many images per class: TRTR comes from the cache, not retrained.
+    logs2 = []
+    other = utility.tstr(*tiles(60, 5, shift=-10.0), real_train, real_val, spec=SPEC, seeds=(0, 1, 2),
+                         log=logs2.append, cache=cache)
+    assert other["trtr_accuracy"] == out["trtr_accuracy"] and len(cache) == 3
+    assert not any("TRTR seed" in line and "steps" in line for line in logs2)
 
     # Generated images with their labels scrambled are useless: TSTR near chance, TRTR unchanged.
     scrambled = (gen[0], np.random.default_rng(3).permutation(gen[1]))
