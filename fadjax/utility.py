@@ -224,6 +224,8 @@ class ClassifierSpec:
         permutations, so every training run shares one compiled step).
       hflip, vflip: random flips during training.
       min_steps: lower bound on the number of optimizer steps.
+      stage_sizes: residual blocks per stage overriding the arch's layout (e.g. ``(1, 1)`` for a
+        quick test); None = the arch's (ResNet18: 2, 2, 2, 2).
     """
 
     arch: str = "resnet18"
@@ -238,6 +240,7 @@ class ClassifierSpec:
     hflip: bool = True
     vflip: bool = True
     min_steps: int = 0
+    stage_sizes: tuple[int, ...] | None = None
 
     def steps_for(self, num_examples: int) -> int:
         return max(int(self.epochs) * math.ceil(num_examples / self.batch_size), int(self.min_steps), 1)
@@ -267,6 +270,8 @@ def spec_from_run(run, **overrides) -> ClassifierSpec:
               batch_size=int(t.get("batch_size", 64)), hflip=bool(d.get("hflip", True)),
               vflip=bool(d.get("vflip", True)))
     kw.update({k: v for k, v in overrides.items() if v is not None})
+    if kw.get("stage_sizes") is not None:
+        kw["stage_sizes"] = tuple(int(v) for v in kw["stage_sizes"])
     return ClassifierSpec(**kw)
 
 
@@ -277,6 +282,8 @@ def _programs(spec: ClassifierSpec, num_classes: int):
     kw = {"head_hidden": spec.head_hidden}
     if spec.arch.startswith("resnet"):
         kw["width"] = spec.width
+        if spec.stage_sizes is not None:
+            kw["stage_sizes"] = tuple(spec.stage_sizes)
     module = expert_lib.build_expert(spec.arch, num_classes=num_classes, **kw)
     parts = [optax.scale_by_adam()]
     if spec.weight_decay > 0:
