@@ -582,7 +582,7 @@ def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_
                     spec: ClassifierSpec | None = None, seeds: Sequence[int] = (0, 1, 2),
                     augment_fraction: float = 0.1, k: int = 3, judge_role: str = "judge2",
                     log: Callable[[str], None] | None = None, cache: dict | None = None) -> dict:
-    """All utility numbers of one model's generations; JSON-serialisable (NaN where undefined).
+    """All utility numbers of one model's generations; strict-JSON-serialisable (None where undefined).
 
     Args:
       gen_images: uint8 ``[N,H,W,C]`` generated images (any size: resized to the judge's).
@@ -610,8 +610,8 @@ def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_
       "n_half"}, "judge", "classifier", "seeds", "k", "num_generated", "num_real_val", "notes"}``;
       accuracy-like entries are summaries ``{"mean", "std", "n", "per_seed", "ci95"}``; the
       distribution entries add ``"value"`` (all generated images against all real validation
-      images; ``mean``/``ci95`` over generation seeds) and ``n_real``, ``n_generated``. Undefined numbers (e.g. the ci95 of a
-      single seed) are None.
+      images; ``mean``/``ci95`` over generation seeds) and ``n_real``, ``n_generated``.
+      Undefined numbers (e.g. the ci95 of a single seed) are None.
     """
     spec = spec or spec_from_run(judge)
     seeds = [int(s) for s in seeds]
@@ -643,7 +643,9 @@ def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_
         "seconds": time.time() - t0,
         "notes": ("fd_judge2 is the Fréchet distance in the judge's pooled features, not Inception-FID "
                   "(no ImageNet Inception weights offline): compare it only between models judged by the same "
-                  "judge, and with real_vs_real. Accuracies and augment_gain are fractions (x100 = points)."),
+                  "judge, and with real_vs_real (two disjoint halves of the real validation images; FD and the k-NN "
+                  "radii depend on the sample sizes, given as n_real / n_generated / n_half). Accuracies and "
+                  "augment_gain are fractions (x100 = points)."),
     }
     return _clean(result)
 
