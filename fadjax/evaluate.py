@@ -8,6 +8,15 @@ Without ``--generated`` the expert judges every image of the ``--real`` source (
 apart from training): ``OUT/metrics.json`` holds ``real_accuracy``, the accuracy per class and
 the confusion matrix, drawn in ``confusion_real.png`` (:func:`judge_real`).
 
+With ``--utility`` (and ``--generated``) it also measures whether the synthetic data is useful
+(:mod:`fadjax.utility`): TSTR/TRTR accuracy, augmentation gain, and Fréchet distance and
+precision/recall in the pooled features of the judge given by ``--judge2_workdir`` (the expert
+when none is given), with classifiers of that judge's architecture and recipe. They go to
+``OUT/metrics.json`` under ``utility`` and to ``OUT/utility.png``::
+
+    python -m fadjax.evaluate --generated gens/fad --expert_workdir runs/expert \
+        --judge2_workdir runs/judge2 --out reports/fad --utility --utility_seeds 3 --augment_fraction 0.1
+
 Writes ``OUT/metrics.json`` and ``confusion_generated.png``, ``confusion_real.png``,
 ``ssim.png``, ``grid.png`` plus ``real_examples.npz`` (real images per class, for ``report``).
 
@@ -313,6 +322,74 @@ def judge_real(expert, real: str, out: str, *, batch_size: int = 64) -> dict:
     return result
 
 
+def generated_arrays(generated_dir: str, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(uint8 images, class indices in class_names, generation seeds)`` of a ``fadjax.sample`` folder.
+
+    Raises:
+      FileNotFoundError / ValueError: as :func:`read_manifest`, or generated classes that are not in
+        ``class_names`` (both lists named).
+    """
+    manifest = read_manifest(generated_dir)
+    entries = manifest["images"]
+    unknown = sorted({e["class"] for e in entries} - set(class_names))
+    if unknown:
+        raise ValueError(f"the judge does not know the generated classes {unknown}: judge classes "
+                         f"{list(class_names)}, generated classes {list(manifest['classes'])}")
+    images = np.stack([read_png(os.path.join(generated_dir, e["file"])) for e in entries])
+    labels = np.array([list(class_names).index(e["class"]) for e in entries], np.int32)
+    seeds = np.array([int(e["seed"]) for e in entries], np.int64)
+    return images, labels, seeds
+
+
+def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "judge2", seeds: Sequence[int] = (0, 1, 2),
+                     augment_fraction: float = 0.1, spec_overrides: dict | None = None) -> dict:
+    """Utility metrics (:func:`fadjax.utility.utility_metrics`) of one folder of generations.
+
+    Real data: the judge's own training and validation splits (its data source and split records).
+    Adds them to ``out/metrics.json`` under ``utility`` (creating it when absent) and draws
+    ``out/utility.png``.
+
+    Args:
+      generated_dir: output folder of ``fadjax.sample``.
+      judge: the loaded judge run (``fadjax.runs.load_expert_run``): feature space and classifier recipe.
+      out: output folder.
+      judge_role: how the record names the judge (``"judge2"`` or ``"expert (no --judge2_workdir)"``).
+      seeds: classifier seeds.
+      augment_fraction: share of the real training split in the augmentation experiment.
+      spec_overrides: :class:`fadjax.utility.ClassifierSpec` fields to override (e.g. ``epochs``).
+
+    Returns:
+      The utility dict.
+    """
+    from fadjax import utility
+    images, labels, gen_seeds = generated_arrays(generated_dir, judge.class_names)
+    logging.info("utility: judge %s (%s); %d generated images", judge.workdir, judge_role, len(images))
+    spec = utility.spec_from_run(judge, **(spec_overrides or {}))
+    logging.info("utility: classifier %s", spec)
+    real_train, real_val = judge.load_train_data(), judge.load_val_data()
+    result = utility.utility_metrics(images, labels, real_train, real_val, judge=judge, gen_seeds=gen_seeds,
+                                     spec=spec, seeds=seeds, augment_fraction=augment_fraction,
+                                     judge_role=judge_role, log=logging.info)
+    result["real_source"] = f"{judge.split.get('source')} (the judge's training / validation split)"
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "metrics.json")
+    metrics_all = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            metrics_all = json.load(f)
+    metrics_all["utility"] = result
+    _write_metrics(out, metrics_all)
+    run_name = os.path.basename(os.path.normpath(generated_dir))
+    plots.utility({run_name: result}, os.path.join(out, "utility.png"),
+                  title=f"Utility of {run_name}'s images (judge: {judge_role})")
+    t, g, fd = result["tstr_accuracy"], result["augment_gain"], result["fd_judge2"]
+    logging.info("utility: TSTR %.3f (TRTR %.3f), augment gain %+.1f points, FD %.3g (real vs real %.3g), "
+                 "precision %.3f, recall %.3f; wrote %s", t["mean"], result["trtr_accuracy"]["mean"],
+                 100 * g["mean"], fd["value"], result["real_vs_real"]["fd_judge2"]["mean"],
+                 result["precision"]["value"], result["recall"]["value"], out)
+    return result
+
+
 def _write_metrics(out: str, result: dict) -> None:
     with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
         json.dump(result, f, indent=1, default=_json_default)
@@ -335,20 +412,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "a test set to judge (required then), e.g. folder:/path/to/test_tiles")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch_size", type=int, default=64, help="expert batch size")
+    g = p.add_argument_group("utility of the synthetic data (fadjax.utility)")
+    g.add_argument("--utility", action="store_true",
+                   help="also measure TSTR/TRTR, augmentation gain, FD and precision/recall (needs --generated)")
+    g.add_argument("--judge2_workdir", default=None,
+                   help="judge run whose features and classifier recipe the utility metrics use "
+                        "(default: the expert)")
+    g.add_argument("--utility_seeds", type=int, default=3, help="classifier seeds 0..N-1 (>= 2 for intervals)")
+    g.add_argument("--augment_fraction", type=float, default=0.1,
+                   help="share of the real training split in the augmentation experiment")
+    g.add_argument("--utility_epochs", type=int, default=None,
+                   help="epochs of each utility classifier (default: the judge's train.num_epochs)")
     return p.parse_args(argv)
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"python -m fadjax.evaluate: {message}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.utility and args.generated is None:
+        raise _fail("--utility needs --generated DIR (the images whose utility is measured)")
     if args.generated is None and not args.real:
         raise SystemExit("python -m fadjax.evaluate: give --generated DIR (images to judge) or --real SOURCE "
                          "(a real test set to judge)")
+    if args.utility:
+        if args.utility_seeds < 1:
+            raise _fail(f"--utility_seeds must be >= 1, got {args.utility_seeds}")
+        if not 0.0 < args.augment_fraction <= 1.0:
+            raise _fail(f"--augment_fraction must be in (0, 1], got {args.augment_fraction}")
+        if args.utility_epochs is not None and args.utility_epochs < 1:
+            raise _fail(f"--utility_epochs must be >= 1, got {args.utility_epochs}")
+    if args.generated is not None:
+        try:
+            read_manifest(args.generated)
+        except (FileNotFoundError, ValueError) as e:
+            raise _fail(f"--generated: {e}") from None
     logging.set_verbosity(logging.INFO)
     from fadjax.runs import load_expert_run
-    expert = load_expert_run(args.expert_workdir)
+    try:
+        expert = load_expert_run(args.expert_workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(f"--expert_workdir: {e}") from None
     if args.generated is None:
         return judge_real(expert, args.real, args.out, batch_size=args.batch_size)
-    return evaluate(args.generated, expert, args.out, real=args.real, batch_size=args.batch_size)
+    try:
+        result = evaluate(args.generated, expert, args.out, real=args.real, batch_size=args.batch_size)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    if not args.utility:
+        return result
+    judge, role = expert, "expert (no --judge2_workdir given)"
+    if args.judge2_workdir:
+        try:
+            judge, role = load_expert_run(args.judge2_workdir), "judge2"
+        except (FileNotFoundError, ValueError) as e:
+            raise _fail(f"--judge2_workdir: {e}") from None
+    logging.info("utility metrics judged by %s: %s", role, judge.workdir)
+    try:
+        result["utility"] = evaluate_utility(
+            args.generated, judge, args.out, judge_role=role, seeds=range(args.utility_seeds),
+            augment_fraction=args.augment_fraction, spec_overrides={"epochs": args.utility_epochs})
+    except ValueError as e:
+        raise _fail(f"utility: {e}") from None
+    return result
 
 
 if __name__ == "__main__":

@@ -140,6 +140,28 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean of ``values`` (e.g. one per seed) with a two-sided Student-t interval.
+
+    Returns:
+      ``{"n", "mean", "std" (ddof=1), "ci_low", "ci_high", "t"}``; the interval is
+      ``mean -/+ t_{(1+confidence)/2, n-1} * std / sqrt(n)`` (NaN bounds when ``n < 2``).
+
+    Raises:
+      ValueError: no values.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    n = int(v.size)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean, std = mean_std(v)
+    if n < 2:
+        return {"n": n, "mean": mean, "std": std, "ci_low": float("nan"), "ci_high": float("nan"), "t": float("nan")}
+    q = t_quantile(0.5 + confidence / 2.0, n - 1)
+    half = q * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "t": q}
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
     """Paired difference ``a - b`` over matching seeds with a two-sided t-interval.
 
@@ -149,16 +171,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
       confidence: coverage of the interval.
 
     Returns:
-      ``{"n", "mean", "std" (ddof=1), "ci_low", "ci_high", "t"}``; the interval is
-      ``mean -/+ t_{(1+confidence)/2, n-1} * std / sqrt(n)`` (NaN bounds when ``n < 2``).
+      :func:`mean_interval` of the differences: ``{"n", "mean", "std" (ddof=1), "ci_low",
+      "ci_high", "t"}`` (NaN bounds when ``n < 2``).
     """
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    n = int(d.size)
-    if n == 0:
+    if d.size == 0:
         raise ValueError("paired_difference needs at least one pair")
-    mean, std = mean_std(d)
-    if n < 2:
-        return {"n": n, "mean": mean, "std": std, "ci_low": float("nan"), "ci_high": float("nan"), "t": float("nan")}
-    q = t_quantile(0.5 + confidence / 2.0, n - 1)
-    half = q * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "t": q}
+    return mean_interval(d, confidence)

@@ -122,3 +122,81 @@ def image_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | o
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center")
     fig.suptitle(title)
     _save(fig, path)
+
+
+def _centre_err(entry, scale: float = 1.0) -> tuple[float, list[float]]:
+    """``(bar height, [below, above])`` of a utility summary, scaled.
+
+    A distribution entry (with ``value``, on all generated images) has no error bar (its interval
+    is over per-seed means, drawn separately); any other bar is its ``mean`` with its ``ci95``.
+    """
+    if not entry:
+        return np.nan, [0.0, 0.0]
+    centre = entry.get("value", entry.get("mean"))
+    centre = np.nan if centre is None else float(centre) * scale
+    lo, hi = (entry.get("ci95") or [None, None])[:2]
+    if "value" in entry or lo is None or hi is None:
+        return centre, [0.0, 0.0]
+    return centre, [max(centre - lo * scale, 0.0), max(hi * scale - centre, 0.0)]
+
+
+def utility(results: Mapping[str, Mapping], path: str | os.PathLike, *, title: str = "Utility of the synthetic data"
+            ) -> None:
+    """The utility metrics of several models (``results[model] = fadjax.utility.utility_metrics(...)``).
+
+    Four panels: TSTR vs TRTR accuracy (95% intervals over classifier seeds); augmentation gain in
+    points (interval, zero line); precision and recall in the judge's features; Fréchet distance in
+    the judge's features. Distribution panels show the value on all generated images, per-seed
+    means with their intervals as points, and the real-vs-real reference as dashed lines.
+    """
+    names = list(results)
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 4, figsize=(max(14.0, 3.2 * 4 * max(1, len(names)) / 2), 4.0))
+
+    def bars(ax, offsets_keys, scale=1.0):
+        width = 0.8 / len(offsets_keys)
+        for i, (key, label) in enumerate(offsets_keys):
+            cs, errs = zip(*[_centre_err(results[n].get(key), scale) for n in names]) if names else ((), ())
+            pos = x + (i - (len(offsets_keys) - 1) / 2) * width
+            ax.bar(pos, cs, width, yerr=np.array(errs).T if errs else None, capsize=4, label=label)
+            for n, p in zip(names, pos):  # Per-seed means with intervals of the distribution metrics.
+                e = results[n].get(key) or {}
+                if "value" in e and e.get("mean") is not None:
+                    lo, hi = (e.get("ci95") or [None, None])[:2]
+                    m = e["mean"] * scale
+                    yerr = None if lo is None or hi is None else [[m - lo * scale], [hi * scale - m]]
+                    ax.errorbar([p], [m], yerr=yerr, fmt="o", color="black", ms=3, capsize=3)
+        ax.set_xticks(x, names, rotation=20, ha="right")
+
+    ax = axes[0]
+    bars(ax, [("tstr_accuracy", "TSTR (trained on generated)"), ("trtr_accuracy", "TRTR (same number of real)")])
+    ax.set_ylim(0.0, 1.05)
+    ax.set_ylabel("real-validation accuracy")
+    ax.set_title("train on synthetic, test on real")
+    ax.legend(fontsize="small")
+
+    ax = axes[1]
+    bars(ax, [("augment_gain", "with minus without generated")], scale=100.0)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    frac = next((r.get("augment", {}).get("fraction") for r in results.values() if r.get("augment")), None)
+    ax.set_ylabel("accuracy gain (points)")
+    ax.set_title("augmentation gain" + (f" ({100 * frac:.0f}% of the real train split)" if frac else ""))
+
+    for ax, keys, ylabel in ((axes[2], [("precision", "precision"), ("recall", "recall")], "share"),
+                             (axes[3], [("fd_judge2", "Fréchet distance")], "FD in judge features")):
+        bars(ax, keys)
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (key, label) in enumerate(keys):
+            refs = [(r.get("real_vs_real") or {}).get(key, {}).get("mean") for r in results.values()]
+            refs = [v for v in refs if v is not None]
+            if refs:
+                ax.axhline(float(np.mean(refs)), color=colours[i % len(colours)], linestyle="--",
+                           label=f"{label}: real vs real")
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("bars: all generated images; dots: mean over seeds, 95% CI", fontsize="small")
+        ax.legend(fontsize="small")
+    axes[2].set_ylim(0.0, 1.05)
+    axes[2].set_title("precision / recall (k-NN, k=3)")
+    axes[3].set_title("FD in the judge's pooled features\n(not Inception-FID)")
+    fig.suptitle(title)
+    _save(fig, path)

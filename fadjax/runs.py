@@ -248,9 +248,16 @@ class ExpertRun:
 
     def load_val_data(self) -> tuple[np.ndarray, np.ndarray]:
         """The expert's validation images (uint8 at its size) and labels, from its data source."""
+        return self._load_part("val_idx")
+
+    def load_train_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The expert's training images (uint8 at its size) and labels, from its data source."""
+        return self._load_part("train_idx")
+
+    def _load_part(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         from fadjax.train import inputs
         ds = inputs.load_dataset(self.config, self.workdir)
-        idx = np.asarray(self.split["val_idx"], np.int64)
+        idx = np.asarray(self.split[key], np.int64)
         return ds.images[idx], ds.labels[idx].astype(np.int32)
 
 
