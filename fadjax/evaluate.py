@@ -342,7 +342,8 @@ def generated_arrays(generated_dir: str, class_names: Sequence[str]) -> tuple[np
 
 
 def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "judge2", seeds: Sequence[int] = (0, 1, 2),
-                     augment_fraction: float = 0.1, spec_overrides: dict | None = None) -> dict:
+                     augment_fraction: float = 0.1, spec_overrides: dict | None = None,
+                     cache: dict | None = None) -> dict:
     """Utility metrics (:func:`fadjax.utility.utility_metrics`) of one folder of generations.
 
     Real data: the judge's own training and validation splits (its data source and split records).
@@ -357,6 +358,7 @@ def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "
       seeds: classifier seeds.
       augment_fraction: share of the real training split in the augmentation experiment.
       spec_overrides: :class:`fadjax.utility.ClassifierSpec` fields to override (e.g. ``epochs``).
+      cache: shared between calls on one judge: its real-data reference classifiers train once.
 
     Returns:
       The utility dict.
@@ -369,7 +371,7 @@ def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "
     real_train, real_val = judge.load_train_data(), judge.load_val_data()
     result = utility.utility_metrics(images, labels, real_train, real_val, judge=judge, gen_seeds=gen_seeds,
                                      spec=spec, seeds=seeds, augment_fraction=augment_fraction,
-                                     judge_role=judge_role, log=logging.info)
+                                     judge_role=judge_role, log=logging.info, cache=cache)
     result["real_source"] = f"{judge.split.get('source')} (the judge's training / validation split)"
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "metrics.json")

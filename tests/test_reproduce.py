@@ -48,7 +48,7 @@ def test_micro_preset_end_to_end(micro_run):
         for f in ("report.md", "summary.json", "accuracy_per_seed.png", "ssim_per_class.png", "confusion_real.png",
                   "grid_baseline.png", "confusion_fad_xt.png", "loss_curves.png"):
             assert (out / f"report_{judge}" / f).is_file(), f
-    for f in ("report.md", "summary.json", "stages.json", "accuracy_by_judge.png"):
+    for f in ("report.md", "summary.json", "stages.json", "accuracy_by_judge.png", "utility.png"):
         assert (out / f).is_file(), f
 
     # The same seeds and classes for every model.
@@ -73,6 +73,14 @@ def test_micro_preset_end_to_end(micro_run):
             acc = r["accuracy"][j]
             assert 0.0 <= acc["mean"] <= 1.0 and acc["std"] >= 0.0 and set(acc["per_seed"]) == {"0", "1"}
             assert set(acc["per_class"]) == set(manifests[0]["classes"])
+        u = r["utility"]  # Usefulness: TSTR with its real-trained reference, gain, FD, precision, recall.
+        for k in ("tstr_accuracy", "trtr_accuracy", "augment_gain"):
+            assert set(u[k]["per_seed"]) == {"0", "1"} and len(u[k]["ci95"]) == 2, k
+        assert 0.0 <= u["tstr_accuracy"]["mean"] <= 1.0 and u["fd_judge2"]["value"] >= 0.0
+        assert 0.0 <= u["precision"]["value"] <= 1.0 and 0.0 <= u["recall"]["value"] <= 1.0
+        assert set(u["real_vs_real"]) >= {"fd_judge2", "precision", "recall"}
+        assert r["training"]["wall_s"] > 0
+        for j in ("expert", "judge2"):
             pd = r["paired_difference_vs_baseline"][j]
             if m == "baseline":
                 assert pd is None
@@ -92,12 +100,13 @@ def test_micro_preset_end_to_end(micro_run):
     report = (out / "report.md").read_text()
     for text in ("Deviations from the paper", "aligned on x_t minus baseline, judged by expert",
                  "judged by judge2", "Hardware and software", "Stages (wall time", "python -m fadjax.reproduce",
-                 "report_expert/confusion_fad_xt.png", "report_judge2/accuracy_per_seed.png"):
+                 "report_expert/confusion_fad_xt.png", "report_judge2/accuracy_per_seed.png",
+                 "## Usefulness of the synthetic data", "real vs real", "## Training of each model"):
         assert text in report, text
     assert "train/fad_x0: done" in stdout
 
     stages = json.loads((out / "stages.json").read_text())
-    assert all(v["complete"] for v in stages["stages"].values()) and len(stages["stages"]) == 15
+    assert all(v["complete"] for v in stages["stages"].values()) and len(stages["stages"]) == 18
     assert stages["jobs"] == 3 and s["jobs"] == 3 and 0 < s["elapsed_s"]
 
 
@@ -152,7 +161,7 @@ def test_second_invocation_skips_every_stage(micro_run):
     assert time.perf_counter() - t < 30
     assert s["preset"] == "micro"
     last = json.loads((out / "stages.json").read_text())["invocations"][-1]
-    assert last["ran"] == [] and len(last["skipped"]) == 15
+    assert last["ran"] == [] and len(last["skipped"]) == 18  # 15 + a utility stage per model
 
 
 def test_changed_training_settings_are_refused(micro_run):
@@ -171,7 +180,7 @@ def test_models_choice_trains_a_variant_beside_the_completed_stages(micro_run):
     s = reproduce_main(argv + ["--models", "repa_tokens_x0"])
     last = json.loads((out / "stages.json").read_text())["invocations"][-1]
     assert sorted(last["ran"]) == ["eval/expert/repa_tokens_x0", "eval/judge2/repa_tokens_x0", "report",
-                                   "sample/repa_tokens_x0", "train/repa_tokens_x0"]
+                                   "sample/repa_tokens_x0", "train/repa_tokens_x0", "utility/repa_tokens_x0"]
     assert {"train/expert", "train/judge2", "train/baseline", "sample/baseline"} <= set(last["skipped"])
     assert list(s["models"]) == ["baseline", "repa_tokens_x0"]
     assert s["models"]["repa_tokens_x0"]["label"] == "tokens+MLP on x0"

@@ -145,6 +145,9 @@ def headline(result) -> str:
         parts.append(f"{result['img_per_s']:.0f} img/s")
     if result.get("images") is not None:
         parts.append(f"{result['images']} images")
+    if result.get("tstr_accuracy") is not None:
+        parts.append(f"TSTR {100 * result['tstr_accuracy']:.1f}% (real-trained {100 * result['trtr_accuracy']:.1f}%), "
+                     f"augmentation gain {100 * result['augment_gain']:+.1f} points, FD {result['fd_judge2']:.3g}")
     if result.get("accuracy_mean") is not None:
         std = result.get("accuracy_std")
         parts.append(f"generation accuracy {100 * result['accuracy_mean']:.1f}%"
@@ -364,6 +367,25 @@ def eval_task(name: str, judge_name: str, judge: Callable, gens: Task, judge_tas
                 lambda: (out / "metrics.json").exists(), run, f"judging {name} with {judge_name}")
 
 
+def utility_task(name: str, judge: Callable, gens: Task, judge_task: Task, gens_dir: pathlib.Path,
+                 out: pathlib.Path, settings: dict, cache: dict) -> Task:
+    """Usefulness of one model's images (``fadjax.evaluate.evaluate_utility``) with judge2's features and
+    classifier recipe; ``cache`` shares the real-data reference classifiers between models."""
+    def run():
+        from fadjax import evaluate as evaluate_lib
+        spec = {"epochs": settings["epochs"]} if settings.get("epochs") else None
+        u = evaluate_lib.evaluate_utility(str(gens_dir), judge(), str(out), judge_role="judge2",
+                                          seeds=tuple(range(int(settings["seeds"]))),
+                                          augment_fraction=float(settings["augment_fraction"]),
+                                          spec_overrides=spec, cache=cache)
+        return {"tstr_accuracy": u["tstr_accuracy"]["mean"], "trtr_accuracy": u["trtr_accuracy"]["mean"],
+                "augment_gain": u["augment_gain"]["mean"], "fd_judge2": u["fd_judge2"]["value"]}
+
+    return Task(f"utility/{name}", (gens.name, judge_task.name),
+                fingerprint({"deps": [gens.fp, judge_task.fp], "settings": settings}),
+                lambda: (out / "metrics.json").exists(), run, f"utility of {name}'s images (TSTR, augmentation, FD)")
+
+
 # ----------------------------------------------------------------------------- everything
 
 def layout(out: pathlib.Path, models=tuple(presets.MODELS)) -> dict:
@@ -374,6 +396,7 @@ def layout(out: pathlib.Path, models=tuple(presets.MODELS)) -> dict:
         "gens": {n: out / "gens" / n for n in models},
         # eval/<model> is judged by the expert (the paper's judge), eval2/<model> by the second judge.
         "eval": {"expert": {n: out / "eval" / n for n in models}, "judge2": {n: out / "eval2" / n for n in models}},
+        "utility": {n: out / "utility" / n for n in models},
     }
 
 
@@ -411,14 +434,21 @@ def plan(configs: presets.Configs, out: pathlib.Path) -> tuple[list[Task], dict]
                        int(jc.train.eval_batch_size))
              for j, jc in (("expert", configs.expert), ("judge2", configs.judge2)) for n in configs.models]
 
+    utils = []
+    if configs.utility is not None:
+        cache: dict = {}
+        utils = [utility_task(n, judge("judge2"), gens[n], tasks["judge2"], paths["gens"][n], paths["utility"][n],
+                              configs.utility, cache) for n in configs.models]
+
     def report():
         same_split(paths["runs"]["expert"], paths["runs"]["judge2"])
         summary_lib.write(configs, out, paths)
 
-    report_task = Task("report", tuple(e.name for e in evals),
-                       fingerprint({"evals": [e.fp for e in evals], "deviations": presets.deviations(configs)}),
+    report_task = Task("report", tuple(e.name for e in evals + utils),
+                       fingerprint({"evals": [e.fp for e in evals], "utility": [u.fp for u in utils],
+                                    "deviations": presets.deviations(configs)}),
                        lambda: all((out / f).exists() for f in summary_lib.OUTPUTS), report, "writing the report")
-    return [*tasks.values(), *gens.values(), *evals, report_task], paths
+    return [*tasks.values(), *gens.values(), *evals, *utils, report_task], paths
 
 
 def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: int = 1, echo: bool = True,

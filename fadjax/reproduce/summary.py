@@ -132,6 +132,7 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
                   for j in presets.JUDGES}
 
     per_model = {}
+    recorded = json.loads((out / "stages.json").read_text())["stages"]
     for m in models:
         e = sub["expert"]["runs"][m]
         entry = {"label": LABELS.get(m, m), "accuracy": {}, "paired_difference_vs_baseline": {},
@@ -145,6 +146,13 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
                                     "per_seed": r["accuracy_per_seed"], "per_class": r["accuracy_per_class"],
                                     "confusion": metrics_by[j][m]["confusion_generated"]}
             entry["paired_difference_vs_baseline"][j] = r.get("paired_difference_vs_baseline")
+        u_path = paths.get("utility", {}).get(m)
+        if configs.utility is not None and u_path is not None and (u_path / "metrics.json").exists():
+            entry["utility"] = json.loads((u_path / "metrics.json").read_text())["utility"]
+        train_rec = recorded.get(f"train/{m}", {})
+        entry["training"] = {"wall_s": train_rec.get("wall_s"),
+                             "img_per_s": (train_rec.get("result") or {}).get("img_per_s"),
+                             "steps": (train_rec.get("result") or {}).get("final_step")}
         per_model[m] = entry
 
     def paired(a, b, j):
@@ -168,6 +176,10 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
                        [LABELS.get(m, m) for m in models], out / "accuracy_by_judge.png",
                        title="Generation accuracy by judge (mean over seeds)", ylabel="accuracy", xlabel="model")
 
+    utility = {LABELS.get(m, m): per_model[m]["utility"] for m in models if "utility" in per_model[m]}
+    if utility:
+        plots.utility(utility, out / "utility.png", title="Usefulness of the synthetic data (judge2's features "
+                      "and recipe; dashed: real vs real)")
     book = json.loads((out / "stages.json").read_text())
     stages = {k: v for k, v in book["stages"].items() if v.get("complete")}  # The report itself is not yet.
     worked = [inv for inv in book["invocations"][:-1] if inv.get("ran")] + book["invocations"][-1:]
@@ -219,7 +231,70 @@ def terminal_table(s: dict) -> list[str]:
                 cell += f"  Δ {_pts(pd['mean'])} [{_pts(pd['ci_low'])}, {_pts(pd['ci_high'])}]"
             cells.append(f"{cell:<34}")
         lines.append(f"  {r['label']:<{width}}  " + "  ".join(cells))
+    util = [(r["label"], r["utility"]) for r in s["models"].values() if "utility" in r]
+    if util:
+        rr = util[0][1]["real_vs_real"]
+        lines += ["", f"usefulness (judge2's features and recipe): TSTR [95% CI] vs real-trained TRTR, augmentation "
+                      f"gain, FD (real vs real {rr['fd_judge2']['mean']:.3g}), precision / recall:"]
+        for label, u in util:
+            lines.append(f"  {label:<{width}}  TSTR {_ci(u['tstr_accuracy'])} (TRTR {_pct(u['trtr_accuracy']['mean'])}), "
+                         f"gain {100 * u['augment_gain']['mean']:+.1f} pts, FD {u['fd_judge2']['value']:.3g}, "
+                         f"P {_num(u['precision']['value'])} R {_num(u['recall']['value'])}")
     return lines + [""]
+
+
+def _ci(x: dict | None, f=None) -> str:
+    """``mean [lo, hi]`` of a utility statistic (fractions shown in %, or with ``f``)."""
+    if not x or x.get("mean") is None:
+        return "—"
+    f = f or _pct
+    lo, hi = (x.get("ci95") or [None, None])[:2]
+    return f(x["mean"]) + (f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "")
+
+
+def _utility_markdown(s: dict) -> list[str]:
+    models = [m for m in s["models"] if "utility" in s["models"][m]]
+    if not models:
+        return []
+    u0 = s["models"][models[0]]["utility"]
+    rr = u0["real_vs_real"]
+    clf = u0.get("classifier", {})
+    L = ["## Usefulness of the synthetic data", "",
+         "Classifiers of judge2's architecture and recipe (fresh seeds, "
+         f"{len(u0.get('seeds', []))} seeds, {clf.get('steps', '?')} steps each), tested on the real validation split: "
+         "**TSTR** trained only on the model's images; **TRTR** the same recipe on as many real training images per "
+         f"class; **augmentation gain**: a {100 * u0['augment']['fraction']:.0f}% real subset with and without the "
+         "model's images added (points of accuracy, paired over seeds). **FD**: Fréchet distance between real "
+         "validation and generated images in judge2's pooled features; it is not Inception-FID (no ImageNet "
+         "weights offline) and reads only beside the real-vs-real value. **Precision / recall**: k-NN manifolds "
+         f"(k={u0.get('k', 3)}, Kynkäänniemi et al. 2019) in the same space. Mean [95% t-interval] over classifier "
+         "seeds (TSTR, gain) or generation seeds (FD, precision, recall; the value over all images first).", "",
+         "| model | TSTR | TRTR | TSTR − TRTR (points) | augmentation gain (points) | FD (judge2) | precision | recall |",
+         "|---|---|---|---|---|---|---|---|"]
+    pts = lambda v: f"{100 * v:+.1f}"
+    for m in models:
+        u = s["models"][m]["utility"]
+        L.append(f"| {s['models'][m]['label']} | {_ci(u['tstr_accuracy'])} | {_ci(u['trtr_accuracy'])} | "
+                 f"{_ci(u['tstr_minus_trtr'], pts)} | {_ci(u['augment_gain'], pts)} | "
+                 f"{u['fd_judge2']['value']:.3g} | {_num(u['precision']['value'])} | {_num(u['recall']['value'])} |")
+    L.append(f"| real vs real (two halves of {rr.get('n_half', '?')}) | — | — | — | — | "
+             f"{_ci(rr['fd_judge2'], lambda v: f'{v:.3g}')} | {_ci(rr['precision'], _num)} | {_ci(rr['recall'], _num)} |")
+    return L + ["", "![utility](utility.png)", ""]
+
+
+def _training_markdown(s: dict) -> list[str]:
+    rows = [(s["models"][m]["label"], s["models"][m].get("training") or {}) for m in s["models"]]
+    if not any(t.get("wall_s") for _, t in rows):
+        return []
+    L = ["## Training of each model", "", "Last logged throughput of the training step (img/s, the aligned "
+         "models' includes the expert's forward pass and the alignment loss) and the stage's wall time "
+         f"(compile included; {s['jobs']} stages at a time, so two stages share the machine).", "",
+         "| model | steps | img/s | stage wall time (s) |", "|---|---|---|---|"]
+    for label, t in rows:
+        ips, wall = t.get("img_per_s"), t.get("wall_s")
+        L.append(f"| {label} | {t.get('steps') or '—'} | {f'{ips:.0f}' if ips else '—'} | "
+                 f"{f'{wall:.0f}' if wall else '—'} |")
+    return L + [""]
 
 
 def _markdown(s: dict, configs: presets.Configs) -> str:
@@ -253,7 +328,10 @@ def _markdown(s: dict, configs: presets.Configs) -> str:
             cells.append("—" if pd is None else f"{_pts(pd['mean'])} [{_pts(pd['ci_low'])}, {_pts(pd['ci_high'])}]")
         L.append(f"| {r['label']} | " + " | ".join(cells) +
                  f" | {_num(r['ssim_generated'])} | {_num(r['ssim_real'])} | {r['sampler']} ({r['steps']} steps) |")
-    L += ["", "![accuracy by judge](accuracy_by_judge.png)", "", "## Judges", "",
+    L += ["", "![accuracy by judge](accuracy_by_judge.png)", ""]
+    L += _utility_markdown(s)
+    L += _training_markdown(s)
+    L += ["## Judges", "",
           "| judge | architecture | input | seed | init | validation accuracy (best checkpoint) | re-evaluated "
           "| role |",
           "|---|---|---|---|---|---|---|---|"]
