@@ -254,22 +254,29 @@ def _on_signal(signum, frame) -> None:
     request_stop(signum)
 
 
+_depth = [0]
+
+
 class install_preemption:
     """``with install_preemption():`` SIGTERM sets the stop flag (main thread only; elsewhere a no-op).
 
-    The previous handler comes back on exit; the flag is cleared on entry.
+    The previous handler comes back on exit. The outermost entry clears the flag (a nested run, such
+    as the tiny expert a demo trains first, keeps a signal that came before it).
     """
 
     def __enter__(self):
-        self._previous = None
-        _stop.clear()
-        if threading.current_thread() is threading.main_thread():
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            if _depth[0] == 0:
+                _stop.clear()
+            _depth[0] += 1
             self._previous = signal.signal(signal.SIGTERM, _on_signal)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            _depth[0] -= 1
 
 
 def stop_pending() -> bool:

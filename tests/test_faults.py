@@ -37,13 +37,14 @@ def micro_config(**train):
     c.model.cross_attention_dim = 8
     c.model.norm_num_groups = 4
     c.train.progress = False
+    c.num_devices = 1  # Compiles faster than over the suite's 8 virtual devices.
     c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
     for k, v in train.items():
         c.train[k] = v
     return c
 
 
-MICRO_FLAGS = ["--config.data.source=demo:4", "--config.data.image_size=8", "--config.model.block_out_channels=8,16",
+MICRO_FLAGS = ["--config.num_devices=1", "--config.data.source=demo:4", "--config.data.image_size=8", "--config.model.block_out_channels=8,16",
                "--config.model.attention_head_dim=1", "--config.model.cross_attention_dim=8",
                "--config.model.norm_num_groups=4", "--config.train.progress=False"]
 
@@ -200,7 +201,7 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one_and_nothing_is_deleted(trained, tmp_path, capfd):
     workdir = copy_run(trained, tmp_path / "w")
-    victim = _largest_file(workdir / "checkpoints" / "4" / "state")
+    victim = _largest_file(workdir / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d")  # Array data.
     size = victim.stat().st_size
     with open(victim, "r+b") as f:  # A copy cut short.
         f.truncate(size // 2)
@@ -317,3 +318,29 @@ def test_sampling_output_lock_partial_drift_and_damaged_images(tmp_path, monkeyp
     assert written == [victim]
     np.testing.assert_array_equal(evaluate_lib.read_png(victim),
                                   evaluate_lib.read_png(os.path.join(fresh, manifest["images"][5]["file"])))
+
+
+def test_config_drift_rules_field_by_field():
+    old = config_lib.expert_config("tiny")
+    saved = json.loads(json.dumps(old.to_dict()))
+    new = config_lib.expert_config("tiny")
+    new.train.num_epochs, new.train.progress, new.num_devices = 3, False, 2  # Extend and observe.
+    changes = workdir_lib.config_drift(saved, new)
+    assert {(c["field"], c["old"], c["new"], c["kind"]) for c in changes} == {
+        ("train.num_epochs", 2, 3, "extend"), ("train.progress", True, False, "observe"),
+        ("num_devices", None, 2, "observe")}
+    new = config_lib.expert_config("tiny")
+    new.train.num_epochs, new.train.num_steps = None, 100  # A switch of the run length's field is drift.
+    new.expert.width = 16
+    with pytest.raises(workdir_lib.ConfigDrift, match=r"expert.width 8 -> 16; train.num_epochs 2 -> None; "
+                                                      r"train.num_steps None -> 100\. Use a new --workdir"):
+        workdir_lib.config_drift(saved, new)
+    assert [c["kind"] for c in workdir_lib.config_drift(saved, new, allow=True)] == ["allowed"] * 3
+    assert workdir_lib.disk_full(RuntimeError("x")) is False
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise ValueError("tensorstore write failed") from e
+    except ValueError as e:
+        assert workdir_lib.disk_full(e)
