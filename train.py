@@ -32,9 +32,12 @@ def main(argv):
                            process_id=FLAGS.process_id, auto=FLAGS.distributed)
     from fadjax import train
     from fadjax.config_lib import ConfigError
+    from fadjax.workdir import WorkdirError
     try:
         summary = train.run(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:  # A user's bad value: one line naming the field, exit status 1, no traceback.
+    except (ConfigError, WorkdirError) as e:
+        # A user's bad value, a busy workdir, config drift, SIGTERM's save, a full disk: one line naming
+        # what happened, exit status 1, no traceback.
         sys.exit(f"train.py: {e}")
     logging.info("done: %s", summary)
 

@@ -81,6 +81,9 @@ def _train(batch_size: int, num_epochs: int | None) -> ml_collections.ConfigDict
     t.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
     t.keep_checkpoints = 3  # Number of most recent checkpoints kept.
     t.progress = True  # Progress bar with ETA on a terminal (process 0).
+    # Resume a workdir even though this config changes what it trained (model, data, optimizer, seed,
+    # ...); the changes are recorded in run.json. False: such a rerun stops naming each changed field.
+    t.allow_config_change = False
     return t
 
 

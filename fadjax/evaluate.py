@@ -44,6 +44,7 @@ from absl import logging
 from PIL import Image
 
 from fadjax import metrics, plots
+from fadjax import workdir as workdir_lib
 from fadjax.sample import MANIFEST
 
 REAL_EXAMPLES = "real_examples.npz"
@@ -75,6 +76,17 @@ def read_manifest(generated_dir: str) -> dict:
 def read_png(path: str) -> np.ndarray:
     a = np.asarray(Image.open(path))
     return a[..., None] if a.ndim == 2 else a[..., :3]
+
+
+def _read_generated(generated_dir: str, file: str) -> np.ndarray:
+    """A generated image; a damaged one (e.g. truncated) stops with one line saying how to redo it."""
+    path = os.path.join(generated_dir, file)
+    try:
+        return read_png(path)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise workdir_lib.WorkdirError(
+            f"generated image {path} cannot be decoded ({e}); rerun `python -m fadjax.sample` with the same "
+            f"--out {generated_dir} to sample it again") from None
 
 
 def _match_channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -195,8 +207,14 @@ def evaluate(generated_dir: str, expert, out: str, *, real: str | None = None, b
         raise ValueError(f"the expert ({expert.workdir}) does not know the generated classes {unknown}: "
                          f"expert classes {list(expert.class_names)}, generated classes {classes}")
     os.makedirs(out, exist_ok=True)
+    with workdir_lib.WorkdirLock(out, what="evaluation"):
+        return _evaluate(manifest, generated_dir, expert, out, classes=classes, seeds=seeds, real=real,
+                         batch_size=batch_size, grid_per_class=grid_per_class)
+
+
+def _evaluate(manifest, generated_dir, expert, out, *, classes, seeds, real, batch_size, grid_per_class) -> dict:
     entries = manifest["images"]
-    images = np.stack([read_png(os.path.join(generated_dir, e["file"])) for e in entries])  # [N,H,W,C] uint8
+    images = np.stack([_read_generated(generated_dir, e["file"]) for e in entries])  # [N,H,W,C] uint8
     size, channels = images.shape[1], images.shape[-1]
     true = np.array([expert.class_names.index(e["class"]) for e in entries])
     entry_seeds = np.array([int(e["seed"]) for e in entries])
@@ -457,10 +475,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         expert = load_expert_run(args.expert_workdir)
     except (FileNotFoundError, ValueError) as e:
         raise _fail(f"--expert_workdir: {e}") from None
-    if args.generated is None:
-        return judge_real(expert, args.real, args.out, batch_size=args.batch_size)
     try:
+        if args.generated is None:
+            with workdir_lib.WorkdirLock(args.out, what="evaluation"):
+                return judge_real(expert, args.real, args.out, batch_size=args.batch_size)
         result = evaluate(args.generated, expert, args.out, real=args.real, batch_size=args.batch_size)
+    except workdir_lib.WorkdirError as e:  # A busy --out, a damaged generated image: one line.
+        raise _fail(str(e)) from None
     except ValueError as e:
         raise _fail(str(e)) from None
     if not args.utility:

@@ -12,6 +12,11 @@ PNGs are written first, then ``seed_<s>/done.json`` once a seed is complete, and
 last (tmp + rename; an old manifest is removed before any image is written), so an interrupted
 run never leaves a manifest that lists missing files. A re-run skips seeds whose ``done.json``
 records the same settings. The reference code's brightness rejection filter is not offered.
+
+Faults: one sampling run per OUT (``OUT/.lock``, see :mod:`fadjax.workdir`). ``OUT/sampling.json``
+records the settings; continuing a partial output (no manifest) with other settings stops naming
+each changed setting. A resumed run keeps the readable images it already wrote and samples again
+any image that is missing or cannot be decoded (e.g. a PNG truncated by a full disk).
 """
 from __future__ import annotations
 
@@ -28,11 +33,52 @@ from tqdm import tqdm
 
 from fadjax import diffusion as diffusion_lib
 from fadjax import sampling
+from fadjax import workdir as workdir_lib
 from fadjax.config_lib import parse_names, parse_seeds
 
 IMAGE_ID_STRIDE = 100_000  # Image ids of class k are k * stride + i (i < stride).
 MANIFEST = "manifest.json"
 DONE = "done.json"
+SETTINGS = "sampling.json"
+
+
+class SamplingDrift(workdir_lib.WorkdirError):
+    """A partial output folder was started with other sampling settings."""
+
+
+def _readable(path: str) -> bool:
+    """Whether ``path`` is a PNG that decodes completely."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _check_partial_output(out: str, settings: dict) -> bool:
+    """Refuses to continue a partial ``out`` made with other settings; returns whether its images can be kept.
+
+    Raises:
+      SamplingDrift: ``out`` has no manifest (an interrupted run) and its ``sampling.json`` differs.
+    """
+    path = os.path.join(out, SETTINGS)
+    if not os.path.exists(path):  # A new folder, or one of an older fadjax: trust done.json only.
+        return not any(n.startswith("seed_") for n in os.listdir(out))
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except ValueError:
+        return False
+    old = previous.get("settings", {})
+    if old == settings:
+        return bool(previous.get("keep_partial", False))
+    if not os.path.exists(os.path.join(out, MANIFEST)):
+        changed = "; ".join(f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                            if old.get(k) != settings.get(k))
+        raise SamplingDrift(f"{out} holds a partial sampling run with other settings: {changed}. Rerun with "
+                            f"the same settings to finish it, or use another --out")
+    return False  # A complete output replaced by one with other settings: its images are stale.
 
 
 def _write_json(path: str, obj) -> None:
@@ -99,26 +145,53 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
         "num_per_class": int(num_per_class), "image_size": int(run.image_size), "channels": int(run.channels),
     }
     os.makedirs(out, exist_ok=True)
-    if jax.process_index() == 0 and os.path.exists(os.path.join(out, MANIFEST)):
-        os.remove(os.path.join(out, MANIFEST))
+    with workdir_lib.WorkdirLock(out, what="sampling run"):
+        return _generate(run, out, settings, ts, seeds=seeds, classes=classes, num_per_class=num_per_class,
+                         sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
+                         batch_size=batch_size, progress=progress)
+
+
+def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler, steps, eta, guidance_scale,
+              batch_size, progress) -> dict:
+    keep_partial = _check_partial_output(out, settings)
+    if jax.process_index() == 0:
+        if os.path.exists(os.path.join(out, MANIFEST)):
+            os.remove(os.path.join(out, MANIFEST))
+        _write_json(os.path.join(out, SETTINGS), {"settings": settings, "keep_partial": keep_partial})
 
     def rel(seed, name, i):
         return os.path.join(f"seed_{seed}", name, f"{i}.png")
 
     def seed_done(seed):
         path = os.path.join(out, f"seed_{seed}", DONE)
-        if not os.path.exists(path):
+        try:
+            with open(path) as f:
+                return json.load(f) == settings
+        except (OSError, ValueError):
             return False
-        with open(path) as f:
-            same = json.load(f) == settings
-        return same and all(os.path.exists(os.path.join(out, rel(seed, c, i)))
-                            for c in classes for i in range(num_per_class))
 
-    todo_seeds = [s for s in seeds if not seed_done(s)]
+    def todo(seed):
+        """The images of ``seed`` to sample: all, or (a complete seed, or a partial one of these
+        settings) those missing or damaged."""
+        every = [(c, i) for c in classes for i in range(num_per_class)]
+        if not (seed_done(seed) or keep_partial):
+            return every
+        out_ = []
+        for c, i in every:
+            path = os.path.join(out, rel(seed, c, i))
+            if not os.path.exists(path):
+                out_.append((c, i))
+            elif not _readable(path):
+                logging.warning("damaged image %s (cannot be decoded): sampling it again", path)
+                out_.append((c, i))
+        return out_
+
+    todo_by_seed = {s: todo(s) for s in seeds}
+    todo_seeds = [s for s in seeds if todo_by_seed[s]]
     if len(todo_seeds) < len(seeds):
         logging.info("skipping %d complete seeds", len(seeds) - len(todo_seeds))
-    draws = [(s, c, i) for s in todo_seeds for c in classes for i in range(num_per_class)]
-    remaining = {s: len(classes) * num_per_class for s in todo_seeds}
+    draws = [(s, c, i) for s in todo_seeds for c, i in todo_by_seed[s]]
+    remaining = {s: len(todo_by_seed[s]) for s in todo_seeds}
     for s in todo_seeds:
         for c in classes:
             os.makedirs(os.path.join(out, f"seed_{s}", c), exist_ok=True)
@@ -202,10 +275,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from fadjax.runs import load_diffusion_run
     run = load_diffusion_run(args.workdir, step=args.step, use_ema=not args.no_ema)
     cfg = run.config.sample
-    return generate(run, args.out, seeds=parse_seeds(args.seeds if args.seeds is not None else cfg.seeds),
-                    num_per_class=args.num_per_class or cfg.num_per_class, classes=parse_names(args.classes),
-                    sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                    batch_size=args.batch_size, progress=not args.no_progress)
+    try:
+        return generate(run, args.out, seeds=parse_seeds(args.seeds if args.seeds is not None else cfg.seeds),
+                        num_per_class=args.num_per_class or cfg.num_per_class, classes=parse_names(args.classes),
+                        sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                        batch_size=args.batch_size, progress=not args.no_progress)
+    except workdir_lib.WorkdirError as e:  # A busy --out, or a partial one of other settings: one line.
+        raise SystemExit(f"python -m fadjax.sample: {e}") from None
 
 
 if __name__ == "__main__":

@@ -89,7 +89,11 @@ def _main(argv: Sequence[str] | None = None) -> dict | None:
     jobs = args.jobs or presets.PRESETS[args.preset]["jobs"]
     # A `timeout` or scheduler kill still records the interrupted stage's time in stages.json.
     signal.signal(signal.SIGTERM, _interrupt)
-    return pipeline.run_all(configs, out, command=command, jobs=jobs, log_file=log_file)
+    from fadjax.workdir import WorkdirError
+    try:
+        return pipeline.run_all(configs, out, command=command, jobs=jobs, log_file=log_file)
+    except WorkdirError as e:  # A busy folder, config drift, SIGTERM's save, a full disk: one line.
+        sys.exit(f"fadjax.reproduce: {e}")
 
 
 def _log_to_file(out: pathlib.Path) -> pathlib.Path:
@@ -116,6 +120,8 @@ def _log_to_file(out: pathlib.Path) -> pathlib.Path:
 
 
 def _interrupt(signum, frame):
+    from fadjax import workdir
+    workdir.request_stop(signum)  # Training stages in worker threads save their current step and stop.
     raise KeyboardInterrupt(f"signal {signum}")
 
 

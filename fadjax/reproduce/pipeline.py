@@ -219,6 +219,14 @@ def execute(tasks: list[Task], book: Book, *, jobs: int) -> None:
                     error = error or e
         except BaseException:
             book.interrupted()
+            from fadjax import workdir as workdir_lib
+            if workdir_lib.stop_pending():  # SIGTERM: let running training stages save their step first.
+                deadline = time.time() + 120.0
+                while running and time.time() < deadline:
+                    try:
+                        running.discard(finished.get(timeout=1.0)[0])
+                    except queue.Empty:
+                        continue
             raise
     if error is not None:
         raise error
@@ -255,6 +263,7 @@ def _training_dict(config) -> dict:
     d = json.loads(json.dumps(config.to_dict(), default=str))
     d.pop("sample", None)
     d.get("train", {}).pop("progress", None)
+    d.get("train", {}).pop("allow_config_change", None)
     return d
 
 
@@ -463,6 +472,12 @@ def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: 
       echo: print progress lines and the result table on stdout.
       log_file: where the detailed log goes (named in the first line).
     """
+    from fadjax import workdir as workdir_lib
+    with workdir_lib.WorkdirLock(out, what="reproduce run"):  # One reproduce per output folder.
+        return _run_all(configs, out, command=command, jobs=jobs, echo=echo, log_file=log_file)
+
+
+def _run_all(configs, out: pathlib.Path, *, command: str, jobs: int, echo: bool, log_file) -> dict:
     from fadjax.reproduce import summary as summary_lib
     out.mkdir(parents=True, exist_ok=True)
     tasks, _ = plan(configs, out)

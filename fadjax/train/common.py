@@ -22,6 +22,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fadjax import config_lib
+from fadjax import workdir as workdir_lib
 
 DATA_AXIS = "data"
 
@@ -283,10 +284,72 @@ class Checkpointer:
         return self.manager.best_step()
 
     def save(self, step: int, state_tree, meta: dict, *, metric: float | None = None) -> None:
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)),
-            metrics={"metric": float(metric)} if metric is not None else None)
+        """Saves ``step``; a full disk raises :class:`fadjax.workdir.DiskFull` (one line), and orbax's
+        write-to-temporary-then-rename leaves the previous checkpoint intact."""
+        previous = self.latest_step()
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)),
+                metrics={"metric": float(metric)} if metric is not None else None)
+        except Exception as e:  # noqa: BLE001  (re-raised unless it is a full disk)
+            self._raise_if_disk_full(e, step, previous)
+            raise
+
+    def _raise_if_disk_full(self, e: BaseException, step, previous) -> None:
+        if workdir_lib.disk_full(e):
+            kept = (f"the previous checkpoint (step {previous}) is intact" if previous is not None else
+                    "the checkpoints saved before are intact")
+            raise workdir_lib.DiskFull(
+                f"no space left on device while saving checkpoint step {step} in {self.directory}; {kept}; "
+                f"free some space and rerun the same command to resume") from None
+
+    def restore_readable(self, abstract_state=None, *, at_most: int | None = None):
+        """``(step, state_tree, meta)`` of the newest checkpoint that can be read, or ``None`` when none is saved.
+
+        A damaged checkpoint (a file truncated or removed) is named in one warning line and moved to
+        ``<directory>_damaged/<step>`` (kept, not deleted; out of orbax's sight, so the run saves that
+        step again), and the next older one is tried. Every process tries the same steps; process 0
+        moves them once all have tried.
+
+        Raises:
+          fadjax.workdir.WorkdirError: checkpoints exist but none can be read.
+        """
+        steps = sorted((s for s in self.manager.all_steps() if at_most is None or s <= at_most), reverse=True)
+        damaged = []
+        found = None
+        for step in steps:
+            try:
+                tree, meta = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001  (any failure to read it: truncated, missing, corrupt)
+                msg = " ".join(str(e).split())[:200]
+                logging.warning("checkpoint %s cannot be read (%s: %s); trying the next older one",
+                                self.directory / str(step), type(e).__name__, msg)
+                print(f"fadjax: checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}); "
+                      f"moved to {self.directory}_damaged/{step} (kept) and trying the next older one",
+                      file=sys.stderr, flush=True)
+                damaged.append(step)
+                continue
+            found = (int(step), tree, meta)
+            break
+        if damaged:
+            wait_for_all_processes("checkpoint_fallback")
+            if is_main_process():
+                keep = pathlib.Path(f"{self.directory}_damaged")
+                keep.mkdir(parents=True, exist_ok=True)
+                for step in damaged:
+                    target = keep / str(step)
+                    if target.exists():
+                        target = keep / f"{step}.{int(time.time())}"
+                    os.replace(self.directory / str(step), target)
+            wait_for_all_processes("checkpoint_fallback_moved")
+            self.manager.reload()
+            if found is None:
+                raise workdir_lib.WorkdirError(
+                    f"no readable checkpoint in {self.directory}: steps {sorted(damaged)} are damaged (kept in "
+                    f"{self.directory}_damaged); use a new --workdir or restore them from a copy")
+            logging.info("resuming from the newest readable checkpoint, step %d", found[0])
+        return found
 
     def restore(self, step: int, abstract_state=None):
         """Returns ``(state_tree, meta)``; with no ``abstract_state`` the arrays come back as saved."""
@@ -301,11 +364,41 @@ class Checkpointer:
         return out["state"], out["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  (an asynchronous save's error surfaces here)
+            self._raise_if_disk_full(e, "in progress", None)
+            raise
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def guarded_workdir(workdir: pathlib.Path, config, *, what: str, expect: dict | None = None):
+    """The run's hold on ``workdir``: its lock, SIGTERM's stop flag, and the config-drift check.
+
+    Yields the config changes accepted on resume (with those recorded before) for ``run.json``.
+    ``expect``: fields to compare as resolved (e.g. the tiny expert's folder the run will set).
+    """
+    with workdir_lib.WorkdirLock(workdir, what=what), workdir_lib.install_preemption():
+        changes = []
+        if saved_steps(workdir / "checkpoints"):
+            resolved = config
+            if expect:
+                resolved = ml_collections.ConfigDict(config.to_dict())
+                for field, value in expect.items():
+                    group, key = field.rsplit(".", 1)
+                    resolved[group][key] = value
+            changes = workdir_lib.check_config_drift(workdir, resolved,
+                                                     allow=bool(config.train.get("allow_config_change", False)))
+        yield changes
+
+
+def saved_steps(directory: pathlib.Path) -> list[int]:
+    """The steps saved under an orbax checkpoint folder (digit-named sub-folders)."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 def abstract_like(tree, sharding):

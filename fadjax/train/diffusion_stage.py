@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from fadjax import align as align_lib
 from fadjax import config_lib
 from fadjax import diffusion as diffusion_lib
+from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
 from fadjax.models import build
 from fadjax.train import common
@@ -263,13 +264,21 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     Returns:
       A summary dict (final step, last logged metrics, wall time).
     """
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    expect = None
+    if config.align.enabled and not config.align.expert_workdir:  # As _with_tiny_expert will resolve it.
+        expect = {"align.expert_workdir": str(workdir / "expert")}
+    with common.guarded_workdir(workdir, config, what="training run", expect=expect) as changes:
+        return _train(config, workdir, hooks=hooks, config_changes=changes)
+
+
+def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
     from fadjax import runs
 
     t_start = time.time()
     phases = common.Phases("diffusion")
     hooks = {**_hooks_default(), **(hooks or {})}
-    config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     common.log_topology()
     if config.align.enabled and not config.align.expert_workdir:  # train_missing_expert (tiny demos)
@@ -302,7 +311,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     tx = common.make_optimizer(config.optim)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
     ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    start = common.agreed_step(ckpt.latest_step() or 0)
+    start = common.agreed_step(ckpt.latest_step() or 0)  # May fall back below, past a damaged checkpoint.
 
     # Parameters: resume > init_from > pretrained > scratch.
     ema_decay = config.train.ema_decay
@@ -353,7 +362,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
         with phases("restore"):
             abstract = common.abstract_like(_checkpoint_tree(state), par.replicated if par.mode == "sharded"
                                             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-            tree, meta = ckpt.restore(start, abstract)
+            start, tree, meta = ckpt.restore_readable(abstract, at_most=start)
             state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
                                   ema_params=tree["ema_params"])
         logging.info("resumed from %s at step %d", ckpt.directory, start)
@@ -371,6 +380,8 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
             record["expert"] = {"workdir": str(pathlib.Path(config.align.expert_workdir).absolute()),
                                 "step": expert_run.step, "sha256": expert_run.checkpoint_sha256,
                                 "val_accuracy": expert_run.val_accuracy}
+        if config_changes:
+            record["config_changes"] = config_changes
         if hooks["run_record"] is not None:
             record = hooks["run_record"](record)
         common.write_json(workdir / "run.json", record)
@@ -416,7 +427,8 @@ def _loop(config, workdir, par, state, step_fn, step_args, ckpt, *, start, total
             state, metrics = step_fn(state, *step_args)
             buf.append(metrics)
             step += 1
-            save_now = step % t.checkpoint_every == 0 or step == total
+            stop = workdir_lib.stop_requested()  # SIGTERM: every process saves this step and stops.
+            save_now = step % t.checkpoint_every == 0 or step == total or stop
             if step % t.log_every == 0 or save_now:
                 last = common.summarise_steps(buf, par, step=step, ckpt=ckpt)
                 dt = timer.lap()
@@ -430,6 +442,9 @@ def _loop(config, workdir, par, state, step_fn, step_args, ckpt, *, start, total
             if save_now:
                 host_state = par.unreplicate(state)
                 ckpt.save(step, _checkpoint_tree(host_state), {"step": step, "seed": config.seed, **last})
+            if stop:
+                ckpt.wait()
+                raise workdir_lib.preempted_error(step, ckpt.directory)
     finally:
         progress.close()
         writer.close()

@@ -16,6 +16,7 @@ import optax
 from absl import logging
 
 from fadjax import config_lib
+from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
 from fadjax.train import common
 from fadjax.train import inputs
@@ -127,13 +128,18 @@ def _tree(state) -> dict:
 
 def train(config, workdir) -> dict:
     """Trains the expert; resumes from ``workdir`` when it holds a checkpoint."""
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    with common.guarded_workdir(workdir, config, what="training run") as changes:
+        return _train(config, workdir, config_changes=changes)
+
+
+def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     from fadjax import plots
     from fadjax.runs import module_spec
 
     t_start = time.time()
     phases = common.Phases("expert")
-    config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     common.log_topology()
     par = common.make_parallel(config, config.train.batch_size)
@@ -174,20 +180,27 @@ def train(config, workdir) -> dict:
     best_acc = -1.0
     if start:
         with phases("restore"):
-            tree, _ = ckpt.restore(start, common.abstract_like(
-                _tree(state), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+            start, tree, _ = ckpt.restore_readable(common.abstract_like(
+                _tree(state), jax.sharding.SingleDeviceSharding(jax.devices()[0])), at_most=start)
             state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
                                   opt_state=tree["opt_state"])
         if best.best_step() is not None:
-            best_acc = float(best.restore(best.best_step())[1].get("val_accuracy", -1.0))
+            try:  # A damaged best checkpoint is moved aside; the next better one replaces it.
+                found = best.restore_readable(at_most=best.best_step())
+            except workdir_lib.WorkdirError:
+                found = None
+            best_acc = float(found[2].get("val_accuracy", -1.0)) if found else -1.0
         logging.info("resumed from step %d (best validation accuracy so far %.4f)", start, best_acc)
 
     if common.is_main_process():
         common.save_config(workdir, config)
-        common.write_json(workdir / "run.json", {
+        record = {
             "stage": "expert", "class_names": list(ds.class_names), "data_source": config.data.source,
             "expert_module": module_spec(module), "num_train": num_train, "num_val": len(val_idx),
-            "steps_per_epoch": spe, "total_steps": total, "versions": common.versions()})
+            "steps_per_epoch": spe, "total_steps": total, "versions": common.versions()}
+        if config_changes:
+            record["config_changes"] = config_changes
+        common.write_json(workdir / "run.json", record)
 
     with phases("placement"):
         state = par.put_replicated(state)
@@ -213,8 +226,9 @@ def train(config, workdir) -> dict:
             state, m = step_fn(state, dev_images, dev_labels, lr_hp)
             buf.append(m)
             step += 1
+            stop = workdir_lib.stop_requested()  # SIGTERM: every process saves this step and stops.
             do_eval = step % eval_every == 0 or step == total
-            save_now = step % t.checkpoint_every == 0 or do_eval
+            save_now = step % t.checkpoint_every == 0 or do_eval or stop
             if step % t.log_every == 0 or save_now:
                 last = common.summarise_steps(buf, par, step=step, ckpt=ckpt)
                 last["img_per_s"] = len(buf) * t.batch_size / timer.lap()
@@ -246,6 +260,9 @@ def train(config, workdir) -> dict:
                     logging.info("step %d/%d %s", step, total, {k: round(v, 5) for k, v in last.items()})
             if save_now:
                 ckpt.save(step, _tree(par.unreplicate(state)), {"step": step, **last})
+            if stop:
+                ckpt.wait()
+                raise workdir_lib.preempted_error(step, ckpt.directory)
     finally:
         progress.close()
         writer.close()
