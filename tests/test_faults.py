@@ -235,24 +235,26 @@ def test_restore_readable_skips_a_checkpoint_with_a_removed_file(tmp_path):
         bad.restore_readable()
 
 
-def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_previous_checkpoint(trained, tmp_path,
+                                                                                         monkeypatch):
+    workdir = copy_run(trained, tmp_path / "w")  # Checkpoints at steps 2 and 4; the disk fills at step 6.
     original = ocp.CheckpointManager.save
 
     def save(self, step, *a, **kw):
-        if step == 4:
+        if step == 6:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, step, *a, **kw)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-    workdir = tmp_path / "w"
     with pytest.raises(workdir_lib.DiskFull) as e:
-        train_lib.run(micro_config(), workdir)
-    assert str(e.value) == (f"no space left on device while saving checkpoint step 4 in {workdir / 'checkpoints'}; "
-                            f"the previous checkpoint (step 2) is intact; free some space and rerun the same command "
+        train_lib.run(micro_config(num_steps=6), workdir)
+    assert str(e.value) == (f"no space left on device while saving checkpoint step 6 in {workdir / 'checkpoints'}; "
+                            f"the previous checkpoint (step 4) is intact; free some space and rerun the same command "
                             f"to resume")
-    monkeypatch.setattr(ocp.CheckpointManager, "save", original)
-    assert common.saved_steps(workdir / "checkpoints") == [2]
-    assert train_lib.run(micro_config(), workdir)["start_step"] == 2  # The rerun resumes from it.
+    assert common.saved_steps(workdir / "checkpoints") == [2, 4]
+    ckpt = common.Checkpointer(workdir / "checkpoints", keep=3, read_only=True)
+    step, _, meta = ckpt.restore_readable()  # Intact: it reads back.
+    assert step == 4 and meta["step"] == 4 and not (workdir / "checkpoints_damaged").exists()
 
 
 # ----------------------------------------------------------------------------- 5. sampling's partial output
