@@ -199,7 +199,7 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.xfail(reason="issue 18 open: after the merge with main this run resumed from the truncated "
+@pytest.mark.xfail(reason="issue 18 open: here (branch faults and after its merge) this run resumed from the truncated "
                           "checkpoint without a read error (orbax read it); the truncation is not yet a reliable fault",
                    strict=False)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one_and_nothing_is_deleted(trained, tmp_path, capfd):
