@@ -105,7 +105,10 @@ def test_parity_with_diffusers_flax(config_dict, monkeypatch):
                 "down_2": (2, 2, 2, 64)}
     if config.mid_block_type:
         expected["mid"] = (2, 2, 2, 64)
-    assert {k: v.shape for k, v in features.items()} == expected
+    # Up blocks' outputs too (issue 16): one per up block, the last at full resolution.
+    ups = sorted(k for k in features if k.startswith("up_"))
+    assert ups == [f"up_{i}" for i in range(len(config.block_out_channels))] and features[ups[-1]].shape[1] == 8
+    assert {k: v.shape for k, v in features.items() if not k.startswith("up_")} == expected
     assert all(v.dtype == jnp.float32 for v in features.values())
 
 
@@ -150,7 +153,7 @@ def test_parity_with_pytorch_checkpoint(torch_checkpoint):
 
     eps, features = apply_unet(module, params, x, t, context)
     np.testing.assert_allclose(eps, ref.permute(0, 2, 3, 1).numpy(), atol=1e-3, rtol=0)
-    assert set(features) == set(captured) == {"down_0", "down_1", "down_1_shortcut", "down_2", "down_2_shortcut",
+    assert {k for k in features if not k.startswith("up_")} == set(captured) == {"down_0", "down_1", "down_1_shortcut", "down_2", "down_2_shortcut",
                                               "mid"}
     for name, value in captured.items():
         np.testing.assert_allclose(features[name], value.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0,
