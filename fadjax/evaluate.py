@@ -45,6 +45,7 @@ from PIL import Image
 
 from fadjax import metrics, plots
 from fadjax import workdir as workdir_lib
+from fadjax.data import images as data_images
 from fadjax.sample import MANIFEST
 
 REAL_EXAMPLES = "real_examples.npz"
@@ -89,20 +90,10 @@ def _read_generated(generated_dir: str, file: str) -> np.ndarray:
             f"--out {generated_dir} to sample it again") from None
 
 
-def _match_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 ``[N,H,W,C]`` to ``channels`` (gray repeated to RGB; RGB to ITU-R 601-2 luma as PIL "L")."""
-    if images.shape[-1] == channels:
-        return images
-    if channels == 3:
-        return np.repeat(images, 3, axis=-1)
-    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.round(luma)[..., None].astype(np.uint8)
-
-
 def classify(expert, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Expert predictions for uint8 ``[N,H,W,C]`` images, in fixed-size (padded) batches."""
     fn = jax.jit(expert.classify_fn)
-    images = _match_channels(images, expert.channels)
+    images = data_images.match_channels(images, expert.channels)
     preds = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]

@@ -178,3 +178,16 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     if d.size == 0:
         raise ValueError("paired_difference needs at least one pair")
     return mean_interval(d, confidence)
+
+
+def json_safe(obj):
+    """Strict-JSON-safe: numpy scalars to Python, NaN/inf to None (e.g. the interval of a single seed)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -47,6 +47,7 @@ import optax
 from absl import logging
 
 from fadjax import metrics
+from fadjax.data import images as data_images
 
 KEYS = ("tstr_accuracy", "trtr_accuracy", "augment_gain", "fd_judge2", "precision", "recall", "real_vs_real")
 
@@ -60,7 +61,7 @@ def summarise(per_seed: Mapping[Any, float]) -> dict:
     """
     values = [float(v) for v in per_seed.values()]
     iv = metrics.mean_interval(values)
-    return _clean({"mean": iv["mean"], "std": iv["std"], "n": iv["n"],
+    return metrics.json_safe({"mean": iv["mean"], "std": iv["std"], "n": iv["n"],
                    "per_seed": {str(k): float(v) for k, v in per_seed.items()},
                    "ci95": [iv["ci_low"], iv["ci_high"]]})
 
@@ -167,15 +168,6 @@ def real_reference(real_feats, *, seeds: Sequence[int] = (0, 1, 2), k: int = 3) 
     return {**{key: summarise(v) for key, v in per.items()}, "n_half": int(half)}
 
 
-def _match_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    if images.shape[-1] == channels:
-        return images
-    if channels == 3:
-        return np.repeat(images, 3, axis=-1)
-    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.round(luma)[..., None].astype(np.uint8)
-
-
 @functools.lru_cache(maxsize=8)
 def _feature_fn(module, size: int):
     @jax.jit
@@ -193,7 +185,7 @@ def pooled_features(expert_run, images: np.ndarray, *, batch_size: int = 128) ->
     padded batches (one compiled shape per input size), eval mode.
     """
     fn = _feature_fn(expert_run.module, int(expert_run.image_size))
-    images = _match_channels(np.asarray(images), int(expert_run.channels))
+    images = data_images.match_channels(np.asarray(images), int(expert_run.channels))
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -356,7 +348,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, spec: Classifier
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"{name}: need images and labels of the same non-zero length, "
                          f"got {len(images)} and {len(labels)}")
-    images = _match_channels(images, spec.channels)
+    images = data_images.match_channels(images, spec.channels)
     num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
     _, init, train_step, _ = _programs(spec, num_classes)
     steps = int(steps) if steps is not None else spec.steps_for(len(images))
@@ -386,7 +378,7 @@ def predict(classifier: dict, images: np.ndarray, *, batch_size: int = 256) -> n
     """Predicted labels of a :func:`train_classifier` result for uint8 images (padded batches)."""
     spec = classifier["spec"]
     _, _, _, fn = _programs(spec, classifier["num_classes"])
-    images = _match_channels(np.asarray(images), spec.channels)
+    images = data_images.match_channels(np.asarray(images), spec.channels)
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -532,11 +524,11 @@ def augment_gain(gen_images, gen_labels, real_train, real_val, *, spec: Classifi
     vx, vy = _restrict(*real_val, classes)
     _check_val(vy)
     counts = {i: max(1, int(round(fraction * np.sum(ty == i)))) for i in range(len(classes))}
-    gx = _match_channels(gx, spec.channels)
+    gx = data_images.match_channels(gx, spec.channels)
     if gx.shape[1:3] != tx_.shape[1:3]:  # One image size for the concatenation: the real one.
         gx = np.asarray(jax.image.resize(jnp.asarray(gx, jnp.float32), (len(gx),) + tx_.shape[1:3] + gx.shape[3:],
                                          "bilinear").round().clip(0, 255).astype(jnp.uint8))
-    tx_ = _match_channels(tx_, spec.channels)
+    tx_ = data_images.match_channels(tx_, spec.channels)
     without, with_, n_real, steps = {}, {}, 0, 0
     for s in seeds:
         idx = _draw_per_class(ty, counts, s, 3)
@@ -647,17 +639,6 @@ def utility_metrics(gen_images, gen_labels, real_train, real_val, *, judge, gen_
                   "radii depend on the sample sizes, given as n_real / n_generated / n_half). Accuracies and "
                   "augment_gain are fractions (x100 = points)."),
     }
-    return _clean(result)
+    return metrics.json_safe(result)
 
 
-def _clean(obj):
-    """Strict-JSON-safe: numpy scalars to Python, NaN/inf to None (e.g. the ci95 of a single seed)."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

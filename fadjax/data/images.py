@@ -96,3 +96,13 @@ def to_array(img: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
         img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
     array = np.asarray(img, dtype=np.uint8)
     return array.reshape(image_size, image_size, channels)
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 ``[N,H,W,C]`` to ``channels`` (gray repeated to RGB; RGB to ITU-R 601-2 luma as PIL "L")."""
+    if images.shape[-1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.round(luma)[..., None].astype(np.uint8)

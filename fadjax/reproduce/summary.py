@@ -27,19 +27,6 @@ LABELS = {name: m.label for name, m in presets.MODELS.items()}
 PAPER_DELTA = 0.09  # The paper: feature-aligned minus baseline, +9 points, judged by the expert it aligned to.
 
 
-def _clean(obj):
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _pts(v) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:+.1f}"
 
@@ -208,7 +195,7 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
         "commands": commands,
         "sub_reports": subdirs,
     }
-    summary = _clean(summary)
+    summary = metrics.json_safe(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "report.md").write_text(_markdown(summary, configs))
     return summary
