@@ -1,9 +1,11 @@
-"""Multi-process start-up: ``jax.distributed.initialize`` when the user asks for it."""
+"""Multi-process start-up (``jax.distributed.initialize`` when the user asks for it) and the few
+helpers every layer uses to agree across processes."""
 from __future__ import annotations
 
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 ENV_COORDINATOR = "FADJAX_COORDINATOR"
@@ -41,3 +43,29 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
         return
     logging.info("joined a %d-process job as process %d (%d local devices, %d in all)",
                  jax.process_count(), jax.process_index(), jax.local_device_count(), jax.device_count())
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def agreed_step(step: int) -> int:
+    """Process 0's value of ``step`` on every process (all resume from the same checkpoint)."""
+    if jax.process_count() == 1:
+        return int(step)
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
+    """Blocks until every process reaches ``name`` (the coordination service's barrier; no collective).
+
+    Called once a train step is compiled: the step's first collective sets up CPU (Gloo) communication
+    with a 30 s deadline, which a process still compiling on a loaded machine can miss.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # The client of jax.distributed.initialize (no public handle).
+    client = getattr(distributed.global_state, "client", None)
+    if client is not None:
+        client.wait_at_barrier(f"fadjax_{name}", timeout_in_ms=int(timeout_s * 1000))

@@ -402,15 +402,7 @@ def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "
 
 
 def _write_metrics(out: str, result: dict) -> None:
-    with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
-        json.dump(result, f, indent=1, default=_json_default)
-    os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    workdir_lib.write_json(os.path.join(out, "metrics.json"), result)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from fadjax import metrics, plots
+from fadjax import workdir as workdir_lib
 from fadjax.evaluate import REAL_EXAMPLES, read_manifest, read_png
 
 LOSS_KEYS = ("loss", "noise_loss", "align_loss")
@@ -121,8 +122,7 @@ def make_report(report_dirs: Sequence[str], out: str, labels: Sequence[str] | No
                 metrics.paired_difference([acc[s] for s in common], [base_acc[s] for s in common])
                 if common else None)
         summary["runs"][label] = entry
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    workdir_lib.write_json(os.path.join(out, "summary.json"), summary)
 
     plots.per_seed({label: summary["runs"][label]["accuracy_per_seed"] for label in labels},
                    os.path.join(out, "accuracy_per_seed.png"), title="Generation accuracy per seed")

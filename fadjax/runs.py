@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fadjax import config_lib
+from fadjax import checkpoints
 from fadjax import diffusion as diffusion_lib
 from fadjax.models import build
 
@@ -35,10 +35,9 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 
 def _checkpointer(directory: pathlib.Path, workdir):
-    from fadjax.train.common import Checkpointer
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} has no checkpoints ({directory} does not exist); train it first")
-    ckpt = Checkpointer(directory, keep=1, read_only=True)
+    ckpt = checkpoints.Checkpointer(directory, keep=1, read_only=True)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has no checkpoints in {directory}; train it first")
     return ckpt

@@ -81,13 +81,6 @@ def _check_partial_output(out: str, settings: dict) -> bool:
     return False  # A complete output replaced by one with other settings: its images are stale.
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _write_png(path: str, image: np.ndarray) -> None:
     """Writes a uint8 ``[H, W, C]`` image (C = 1 or 3) atomically."""
     tmp = path + ".tmp.png"
@@ -157,7 +150,7 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
     if jax.process_index() == 0:
         if os.path.exists(os.path.join(out, MANIFEST)):
             os.remove(os.path.join(out, MANIFEST))
-        _write_json(os.path.join(out, SETTINGS), {"settings": settings, "keep_partial": keep_partial})
+        workdir_lib.write_json(os.path.join(out, SETTINGS), {"settings": settings, "keep_partial": keep_partial})
 
     def rel(seed, name, i):
         return os.path.join(f"seed_{seed}", name, f"{i}.png")
@@ -216,7 +209,7 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
             _write_png(os.path.join(out, rel(s, c, i)), img)
             remaining[s] -= 1
             if remaining[s] == 0 and nproc == 1:
-                _write_json(os.path.join(out, f"seed_{s}", DONE), settings)
+                workdir_lib.write_json(os.path.join(out, f"seed_{s}", DONE), settings)
     if nproc > 1:  # Gather: wait for every process's images, then process 0 marks and lists them.
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("fadjax.sample: images written")
@@ -227,7 +220,7 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
                        if not os.path.exists(os.path.join(out, rel(s, c, i)))]
             if missing:
                 raise RuntimeError(f"seed {s}: {len(missing)} images were not written, e.g. {missing[:3]}")
-            _write_json(os.path.join(out, f"seed_{s}", DONE), settings)
+            workdir_lib.write_json(os.path.join(out, f"seed_{s}", DONE), settings)
 
     manifest = dict(settings)
     manifest.update({
@@ -240,7 +233,7 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
         "counts": {"images": len(seeds) * len(classes) * num_per_class, "seeds": len(seeds),
                    "classes": len(classes), "per_class": num_per_class * len(seeds)},
     })
-    _write_json(os.path.join(out, MANIFEST), manifest)
+    workdir_lib.write_json(os.path.join(out, MANIFEST), manifest)
     logging.info("wrote %d images and %s", manifest["counts"]["images"], os.path.join(out, MANIFEST))
     return manifest
 

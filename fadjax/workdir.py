@@ -7,12 +7,15 @@
 * :func:`install_preemption` / :func:`stop_requested`: SIGTERM asks the run to save at the current
   step and stop; in a multi-process run every process agrees on that step.
 * :func:`disk_full`: an ENOSPC anywhere in an exception's chain.
+* :func:`atomic_write` / :func:`write_json`: every record of a run (JSON, caches) is written to a
+  temporary file beside its target and renamed over it, so a crash never leaves half a file.
 
 Inference (``fadjax.sample``, ``fadjax.evaluate``) uses it too, so it imports no training code.
 Every error here is a :class:`WorkdirError` whose message is one line for the user.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -22,6 +25,7 @@ import pathlib
 import signal
 import socket
 import threading
+import uuid
 from typing import Any
 
 from absl import logging
@@ -308,3 +312,44 @@ def disk_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# ----------------------------------------------------------------------------- atomic records
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Opens a temporary file that replaces ``path`` only if the block completes.
+
+    The folder is created if needed; an interrupted write leaves ``path`` untouched and removes
+    the temporary file. The file gets the usual permissions (umask), not a private mode.
+
+    Args:
+      path: the file to write.
+      mode: 'wb' or 'w'.
+
+    Yields:
+      The open temporary file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x")) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _json_default(o):
+    item = getattr(o, "item", None)  # numpy scalars and 0-d arrays.
+    return item() if callable(item) and getattr(o, "ndim", 0) == 0 else str(o)
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 1) -> None:
+    """Writes ``obj`` as JSON atomically (numpy scalars as numbers, other objects as their ``str``)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=indent, default=_json_default)

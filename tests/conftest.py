@@ -38,22 +38,22 @@ def killed_after_first_checkpoint(monkeypatch):
     Usage: ``with killed_after_first_checkpoint(): train_lib.run(config, workdir)``; the block
     must end in that kill (a ``KeyboardInterrupt``), and saving works normally afterwards.
     """
-    from fadjax.train import common
+    from fadjax import checkpoints
 
     @contextlib.contextmanager
     def kill():
-        original = common.Checkpointer.save
+        original = checkpoints.Checkpointer.save
 
         def save_then_crash(self, step, *a, **kw):
             original(self, step, *a, **kw)
             self.wait()
             raise KeyboardInterrupt(f"simulated kill after the checkpoint of step {step}")
 
-        monkeypatch.setattr(common.Checkpointer, "save", save_then_crash)
+        monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_crash)
         try:
             with pytest.raises(KeyboardInterrupt):
                 yield
         finally:
-            monkeypatch.setattr(common.Checkpointer, "save", original)
+            monkeypatch.setattr(checkpoints.Checkpointer, "save", original)
 
     return kill

@@ -18,7 +18,7 @@ from fadjax.data import cache as cache_lib
 from fadjax.data import demo
 from fadjax.data import images as images_lib
 from fadjax.data import sources
-from fadjax.data.atomic import atomic_write
+from fadjax.workdir import atomic_write
 
 KATHER_NAMES = ["tumor", "stroma", "complex", "lympho", "debris", "mucosa", "adipose", "empty"]
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fadjax.data.atomic import atomic_write
+from fadjax.workdir import atomic_write
 from fadjax.data.dataset import DataError, Dataset
 
 FORMAT = "fadjax-data-cache"

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from fadjax.data.atomic import atomic_write
+from fadjax.workdir import write_json
 from fadjax.data.dataset import DataError, Dataset
 
 _FORMAT = "fadjax-split"
@@ -61,8 +61,7 @@ def save_split(path: str, dataset: Dataset, train_idx, val_idx, **extra):
     for name, idx in (("train", train_idx), ("val", val_idx)):
         idx = np.asarray(idx, np.int64)
         record[name] = dict(indices=idx.tolist(), files=[dataset.files[i] for i in idx])
-    with atomic_write(path, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(path, record)
 
 
 def load_split(path: str, dataset: Dataset | None = None) -> tuple[np.ndarray, np.ndarray]:

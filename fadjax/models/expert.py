@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fadjax.models import weights
 

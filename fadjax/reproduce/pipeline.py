@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from absl import logging
 
+from fadjax import workdir as workdir_lib
 from fadjax.reproduce import presets
 
 STAGES_FILE = "stages.json"
@@ -45,12 +46,6 @@ def fingerprint(obj: Any) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
 
 
 class Book:
@@ -70,7 +65,7 @@ class Book:
     def save(self) -> None:
         with self.lock:
             self.invocation["wall_s"] = round(time.perf_counter() - self.t0, 2)
-            _write_json(self.path, self.data)
+            workdir_lib.write_json(self.path, self.data)
 
     def say(self, msg: str) -> None:
         """A progress line on stdout (and in the log) with the invocation's elapsed time."""
@@ -219,7 +214,6 @@ def execute(tasks: list[Task], book: Book, *, jobs: int) -> None:
                     error = error or e
         except BaseException:
             book.interrupted()
-            from fadjax import workdir as workdir_lib
             if workdir_lib.stop_pending():  # SIGTERM: let running training stages save their step first.
                 deadline = time.time() + 120.0
                 while running and time.time() < deadline:
@@ -472,7 +466,6 @@ def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: 
       echo: print progress lines and the result table on stdout.
       log_file: where the detailed log goes (named in the first line).
     """
-    from fadjax import workdir as workdir_lib
     with workdir_lib.WorkdirLock(out, what="reproduce run"):  # One reproduce per output folder.
         return _run_all(configs, out, command=command, jobs=jobs, echo=echo, log_file=log_file)
 

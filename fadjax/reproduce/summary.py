@@ -16,10 +16,10 @@ import pathlib
 import platform
 import subprocess
 
-import numpy as np
 
 from fadjax import metrics, plots
 from fadjax import report as report_lib
+from fadjax import workdir as workdir_lib
 from fadjax.reproduce import presets
 
 OUTPUTS = ("report.md", "summary.json", "accuracy_by_judge.png")
@@ -196,7 +196,7 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
         "sub_reports": subdirs,
     }
     summary = metrics.json_safe(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    workdir_lib.write_json(out / "summary.json", summary)
     (out / "report.md").write_text(_markdown(summary, configs))
     return summary
 

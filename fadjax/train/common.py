@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -16,12 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fadjax import checkpoints
 from fadjax import config_lib
+from fadjax import distributed
 from fadjax import workdir as workdir_lib
 
 DATA_AXIS = "data"
@@ -42,38 +42,12 @@ def compute_dtype(config) -> jnp.dtype:
     return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
 
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
 def log_topology() -> None:
     """Logs the process/device topology (what runs where)."""
     logging.info("JAX %s on %s: process %d of %d, %d local / %d global devices: %s",
                  jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(),
                  ", ".join(sorted({d.device_kind for d in jax.devices()})))
-
-
-def agreed_step(step: int) -> int:
-    """Process 0's value of ``step`` on every process (all resume from the same checkpoint)."""
-    if jax.process_count() == 1:
-        return int(step)
-    from jax.experimental import multihost_utils
-    return int(multihost_utils.broadcast_one_to_all(np.int32(step)))
-
-
-def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
-    """Blocks until every process reaches ``name`` (the coordination service's barrier; no collective).
-
-    Called once a train step is compiled: the step's first collective sets up CPU (Gloo) communication
-    with a 30 s deadline, which a process still compiling on a loaded machine can miss.
-    """
-    if jax.process_count() == 1:
-        return
-    from jax._src import distributed  # The client of jax.distributed.initialize (no public handle).
-    client = getattr(distributed.global_state, "client", None)
-    if client is not None:
-        client.wait_at_barrier(f"fadjax_{name}", timeout_in_ms=int(timeout_s * 1000))
 
 
 # ----------------------------------------------------------------------------- devices
@@ -244,7 +218,7 @@ def apply_gradients_if_finite(state: TrainState, grads, loss, *, lr, ema_decay=N
     return new, finite, grad_norm
 
 
-def summarise_steps(buf: list[dict], par: Parallel, *, step: int, ckpt: "Checkpointer") -> dict[str, float]:
+def summarise_steps(buf: list[dict], par: Parallel, *, step: int, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
     """Means of the metrics of the steps in ``buf`` (the last ending at ``step``).
 
     Raises:
@@ -263,118 +237,6 @@ def summarise_steps(buf: list[dict], par: Parallel, *, step: int, ckpt: "Checkpo
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-class Checkpointer:
-    """An orbax ``CheckpointManager`` holding ``state`` (a pytree) and ``meta`` (JSON) per step."""
-
-    def __init__(self, directory: str | os.PathLike, *, keep: int, best_mode: str | None = None,
-                 read_only: bool = False):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
-            best_fn=(lambda m: m["metric"]) if best_mode else None,
-            best_mode=best_mode or "max", keep_checkpoints_without_metrics=best_mode is None)
-        self.directory = pathlib.Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def best_step(self) -> int | None:
-        return self.manager.best_step()
-
-    def save(self, step: int, state_tree, meta: dict, *, metric: float | None = None) -> None:
-        """Saves ``step``; a full disk raises :class:`fadjax.workdir.DiskFull` (one line), and orbax's
-        write-to-temporary-then-rename leaves the previous checkpoint intact."""
-        previous = self.latest_step()
-        try:
-            self.manager.save(
-                int(step),
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)),
-                metrics={"metric": float(metric)} if metric is not None else None)
-        except Exception as e:  # noqa: BLE001  (re-raised unless it is a full disk)
-            self._raise_if_disk_full(e, step, previous)
-            raise
-
-    def _raise_if_disk_full(self, e: BaseException, step, previous) -> None:
-        if workdir_lib.disk_full(e):
-            kept = (f"the previous checkpoint (step {previous}) is intact" if previous is not None else
-                    "the checkpoints saved before are intact")
-            raise workdir_lib.DiskFull(
-                f"no space left on device while saving checkpoint step {step} in {self.directory}; {kept}; "
-                f"free some space and rerun the same command to resume") from None
-
-    def restore_readable(self, abstract_state=None, *, at_most: int | None = None):
-        """``(step, state_tree, meta)`` of the newest checkpoint that can be read, or ``None`` when none is saved.
-
-        A damaged checkpoint (a file truncated or removed) is named in one warning line and moved to
-        ``<directory>_damaged/<step>`` (kept, not deleted; out of orbax's sight, so the run saves that
-        step again), and the next older one is tried. Every process tries the same steps; process 0
-        moves them once all have tried.
-
-        Raises:
-          fadjax.workdir.WorkdirError: checkpoints exist but none can be read.
-        """
-        steps = sorted((s for s in self.manager.all_steps() if at_most is None or s <= at_most), reverse=True)
-        damaged = []
-        found = None
-        for step in steps:
-            try:
-                tree, meta = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001  (any failure to read it: truncated, missing, corrupt)
-                msg = " ".join(str(e).split())[:200]
-                logging.warning("checkpoint %s cannot be read (%s: %s); trying the next older one",
-                                self.directory / str(step), type(e).__name__, msg)
-                print(f"fadjax: checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}); "
-                      f"moved to {self.directory}_damaged/{step} (kept) and trying the next older one",
-                      file=sys.stderr, flush=True)
-                damaged.append(step)
-                continue
-            found = (int(step), tree, meta)
-            break
-        if damaged:
-            wait_for_all_processes("checkpoint_fallback")
-            if is_main_process():
-                keep = pathlib.Path(f"{self.directory}_damaged")
-                keep.mkdir(parents=True, exist_ok=True)
-                for step in damaged:
-                    target = keep / str(step)
-                    if target.exists():
-                        target = keep / f"{step}.{int(time.time())}"
-                    os.replace(self.directory / str(step), target)
-            wait_for_all_processes("checkpoint_fallback_moved")
-            self.manager.reload()
-            if found is None:
-                raise workdir_lib.WorkdirError(
-                    f"no readable checkpoint in {self.directory}: steps {sorted(damaged)} are damaged (kept in "
-                    f"{self.directory}_damaged); use a new --workdir or restore them from a copy")
-            logging.info("resuming from the newest readable checkpoint, step %d", found[0])
-        return found
-
-    def restore(self, step: int, abstract_state=None):
-        """Returns ``(state_tree, meta)``; with no ``abstract_state`` the arrays come back as saved."""
-        if abstract_state is None:  # As saved, onto this process's first device (any topology).
-            meta = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state").item_metadata
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_state = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
-                is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        state_args = ocp.args.StandardRestore(abstract_state)
-        out = self.manager.restore(int(step), args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
-
-    def wait(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001  (an asynchronous save's error surfaces here)
-            self._raise_if_disk_full(e, "in progress", None)
-            raise
-
-    def close(self) -> None:
-        self.wait()
-        self.manager.close()
-
-
 @contextlib.contextmanager
 def guarded_workdir(workdir: pathlib.Path, config, *, what: str, expect: dict | None = None):
     """The run's hold on ``workdir``: its lock, SIGTERM's stop flag, and the config-drift check.
@@ -384,7 +246,7 @@ def guarded_workdir(workdir: pathlib.Path, config, *, what: str, expect: dict | 
     """
     with workdir_lib.WorkdirLock(workdir, what=what), workdir_lib.install_preemption():
         changes = []
-        if saved_steps(workdir / "checkpoints"):
+        if checkpoints.saved_steps(workdir / "checkpoints"):
             resolved = config
             if expect:
                 resolved = ml_collections.ConfigDict(config.to_dict())
@@ -396,24 +258,11 @@ def guarded_workdir(workdir: pathlib.Path, config, *, what: str, expect: dict | 
         yield changes
 
 
-def saved_steps(directory: pathlib.Path) -> list[int]:
-    """The steps saved under an orbax checkpoint folder (digit-named sub-folders)."""
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-
-
-def abstract_like(tree, sharding):
-    """ShapeDtypeStructs of ``tree`` with the given sharding (a restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype,
-                                                       sharding=sharding), tree)
-
-
-# ----------------------------------------------------------------------------- logs
-
 class MetricWriter:
     """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard events, process 0 only."""
 
     def __init__(self, workdir: pathlib.Path, *, resume_step: int = 0):
-        self.enabled = is_main_process()
+        self.enabled = distributed.is_main_process()
         self.path = workdir / "metrics.jsonl"
         self._tb = None
         if not self.enabled:
@@ -449,7 +298,7 @@ class Progress:
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool = True):
         self.bar = None
-        if enabled and is_main_process() and sys.stderr.isatty():
+        if enabled and distributed.is_main_process() and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
@@ -466,11 +315,8 @@ class Progress:
 
 def write_json(path: pathlib.Path, obj) -> None:
     """Writes JSON atomically (tmp + rename), process 0 only."""
-    if not is_main_process():
-        return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    if distributed.is_main_process():
+        workdir_lib.write_json(path, obj, indent=2)
 
 
 def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:

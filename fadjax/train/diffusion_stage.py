@@ -8,7 +8,6 @@ The baseline is the same step with the alignment term compiled out.
 """
 from __future__ import annotations
 
-import functools
 import pathlib
 import time
 
@@ -16,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import PartitionSpec as P
 
 from fadjax import align as align_lib
+from fadjax import checkpoints
+from fadjax import distributed
 from fadjax import config_lib
 from fadjax import diffusion as diffusion_lib
 from fadjax import workdir as workdir_lib
@@ -171,7 +171,7 @@ def _text_features(config, workdir: pathlib.Path, labels: build.LabelSpace):
             return build.null_padded(feats, labels)
     from fadjax.models import conditioning
     feats = np.asarray(conditioning.compute_clip_text_features(config.cond.clip_path, texts), np.float32)
-    if common.is_main_process():
+    if distributed.is_main_process():
         np.save(path, feats)
     return build.null_padded(feats, labels)
 
@@ -310,8 +310,8 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
     total = common.run_length(config.train, spe)
     tx = common.make_optimizer(config.optim)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
-    ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    start = common.agreed_step(ckpt.latest_step() or 0)  # May fall back below, past a damaged checkpoint.
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    start = distributed.agreed_step(ckpt.latest_step() or 0)  # May fall back below, past a damaged checkpoint.
 
     # Parameters: resume > init_from > pretrained > scratch.
     ema_decay = config.train.ema_decay
@@ -360,8 +360,8 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
 
     if start:
         with phases("restore"):
-            abstract = common.abstract_like(_checkpoint_tree(state), par.replicated if par.mode == "sharded"
-                                            else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            abstract = checkpoints.abstract_like(_checkpoint_tree(state), par.replicated if par.mode == "sharded"
+                                            else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
             start, tree, meta = ckpt.restore_readable(abstract, at_most=start)
             state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
                                   ema_params=tree["ema_params"])
@@ -370,7 +370,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
         logging.info("run already complete (%d/%d steps)", start, total)
 
     # Run record.
-    if common.is_main_process():
+    if distributed.is_main_process():
         common.save_config(workdir, config)
         record = {"stage": "diffusion", "labels": labels.to_dict(), "data_source": config.data.source,
                   "num_train": num_train, "steps_per_epoch": spe, "total_steps": total,
@@ -406,7 +406,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
     if start < total:
         with phases("compile"):
             step_fn = step_fn.lower(state, dev_data, consts).compile()
-        common.wait_for_all_processes("diffusion_step_compiled")  # Outside "compile": a wait, not compiling.
+        distributed.wait_for_all_processes("diffusion_step_compiled")  # Outside "compile": a wait, not compiling.
         summary.update(_loop(config, workdir, par, state, step_fn, (dev_data, consts),
                              ckpt, start=start, total=total, spe=spe))
     ckpt.close()

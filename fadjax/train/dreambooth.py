@@ -37,10 +37,12 @@ import numpy as np
 from absl import logging
 
 from fadjax import diffusion as diffusion_lib
+from fadjax import checkpoints
+from fadjax import distributed
 from fadjax import config_lib
 from fadjax import runs
 from fadjax import sampling
-from fadjax.data import atomic
+from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
 from fadjax.models import build
 from fadjax.train import common
@@ -228,16 +230,16 @@ def read_prior_cache(path: pathlib.Path, settings: dict) -> np.ndarray | None:
 
 def write_prior_cache(path: pathlib.Path, images: np.ndarray, settings: dict) -> None:
     """Writes ``images`` (uint8) and ``settings`` (JSON) atomically, process 0 only."""
-    if not common.is_main_process():
+    if not distributed.is_main_process():
         return
     buf = io.BytesIO()
     np.savez(buf, images=np.asarray(images, np.uint8), settings=np.asarray(json.dumps(settings, sort_keys=True)))
-    with atomic.atomic_write(str(path)) as f:
+    with workdir_lib.atomic_write(str(path)) as f:
         f.write(buf.getvalue())
 
 
 def _source_step(workdir) -> int:
-    ckpt = common.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=1, read_only=True)
+    ckpt = checkpoints.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=1, read_only=True)
     step = ckpt.latest_step()
     ckpt.close()
     if step is None:

@@ -15,6 +15,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from fadjax import checkpoints
+from fadjax import distributed
 from fadjax import config_lib
 from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
@@ -151,9 +153,9 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
     total = common.run_length(config.train, spe)
     tx = common.make_optimizer(config.optim)
-    ckpt = common.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    best = common.Checkpointer(workdir / "best", keep=1, best_mode="max")
-    start = common.agreed_step(ckpt.latest_step() or 0)
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    best = checkpoints.Checkpointer(workdir / "best", keep=1, best_mode="max")
+    start = distributed.agreed_step(ckpt.latest_step() or 0)
     with phases("init"):
         module, variables = build_expert_module(config, K)
 
@@ -180,8 +182,8 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     best_acc = -1.0
     if start:
         with phases("restore"):
-            start, tree, _ = ckpt.restore_readable(common.abstract_like(
-                _tree(state), jax.sharding.SingleDeviceSharding(jax.devices()[0])), at_most=start)
+            start, tree, _ = ckpt.restore_readable(checkpoints.abstract_like(
+                _tree(state), jax.sharding.SingleDeviceSharding(jax.local_devices()[0])), at_most=start)
             state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
                                   opt_state=tree["opt_state"])
         if best.best_step() is not None:
@@ -192,7 +194,7 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
             best_acc = float(found[2].get("val_accuracy", -1.0)) if found else -1.0
         logging.info("resumed from step %d (best validation accuracy so far %.4f)", start, best_acc)
 
-    if common.is_main_process():
+    if distributed.is_main_process():
         common.save_config(workdir, config)
         record = {
             "stage": "expert", "class_names": list(ds.class_names), "data_source": config.data.source,
@@ -220,7 +222,7 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     if start < total:
         with phases("compile"):
             step_fn = step_fn.lower(state, dev_images, dev_labels, lr_hp).compile()
-        common.wait_for_all_processes("expert_step_compiled")  # Outside "compile": a wait, not compiling.
+        distributed.wait_for_all_processes("expert_step_compiled")  # Outside "compile": a wait, not compiling.
     try:
         while step < total:
             state, m = step_fn(state, dev_images, dev_labels, lr_hp)
@@ -246,7 +248,7 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
                         best.save(step, {"params": host.params, "batch_stats": host.batch_stats},
                                   {"step": step, "val_accuracy": acc, "confusion": conf.tolist(),
                                    "class_names": list(ds.class_names)}, metric=acc)
-                        if common.is_main_process():
+                        if distributed.is_main_process():
                             common.write_json(workdir / "expert_eval.json", {
                                 "step": step, "val_accuracy": acc, "num_val": int(len(val_labels)),
                                 "class_names": list(ds.class_names), "confusion": conf.tolist(),

@@ -7,6 +7,7 @@ import numpy as np
 from absl import logging
 
 from fadjax import config_lib
+from fadjax import distributed
 from fadjax import data as data_lib
 
 
@@ -31,7 +32,6 @@ def load_dataset(config, workdir: pathlib.Path):
 def load_split(config, workdir: pathlib.Path, ds):
     """The stratified split from ``data.split_seed``; stored as ``split.json`` in the workdir."""
     train_idx, val_idx = data_lib.split(ds.labels, seed=config.data.split_seed, val_fraction=config.data.val_fraction)
-    from fadjax.train.common import is_main_process
-    if is_main_process():
+    if distributed.is_main_process():
         data_lib.save_split(workdir / "split.json", ds, train_idx, val_idx)
     return np.asarray(train_idx), np.asarray(val_idx)
