@@ -18,6 +18,8 @@ timings: after ``--warmup`` calls, ``--repeats`` loops of ``--iters`` calls are 
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -37,7 +39,7 @@ from absl import logging
 
 from fadjax import config_lib
 from fadjax import diffusion as diffusion_lib
-from fadjax.models import unet as unet_lib
+from fadjax.models import attention as attention_lib
 
 WHATS = ("train_step", "baseline_step", "sample")
 # Dense bf16 matrix rates (TFLOP/s) that MFU is stated against: the H100/H200 SXM datasheet figure, and
@@ -143,11 +145,33 @@ def _cost(stage) -> dict[str, float]:
     return dict(cost or {})
 
 
+@contextlib.contextmanager
+def record_attention():
+    """Counts the implementation every U-Net attention call picks while tracing inside the block.
+
+    Yields a `collections.Counter` ({'xla': 6, 'chunked': 6}, ...). Only tracing counts: a function
+    jit has already traced and cached is not traced again. Not thread-safe (it swaps the module's
+    ``attention`` for a counting one while the block runs).
+    """
+    counts: collections.Counter = collections.Counter()
+    original = attention_lib.attention
+
+    def counted(q, k, v, implementation):
+        counts[attention_lib.choose(q.shape, k.shape[1], implementation)[0]] += 1
+        return original(q, k, v, implementation)
+
+    attention_lib.attention = counted
+    try:
+        yield counts
+    finally:
+        attention_lib.attention = original
+
+
 def inspect_compiled(compiled, attention_calls: dict | None = None) -> dict[str, Any]:
     """FLOPs, bytes, program memory, attention implementation and host calls of a compiled program.
 
     ``attention_calls``: the implementations the U-Net's attention calls picked while the program was
-    traced (``unet.record_attention``); 'cudnn' is reported only when the HLO holds cuDNN's fused call.
+    traced (``record_attention``); 'cudnn' is reported only when the HLO holds cuDNN's fused call.
     """
     cost = _cost(compiled)
     hlo = compiled.as_text()
@@ -347,7 +371,7 @@ def bench_train_step(config, *, timing: Timing, config_name: str | None = None, 
     setup_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
-        with unet_lib.record_attention() as calls:
+        with record_attention() as calls:
             lowered = step_fn.lower(*args)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
@@ -484,7 +508,7 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
                   clip_sample=True)
     t0 = time.perf_counter()
     # The sampler's own jitted loop (what sampling.sample calls), lowered to time it without compiling.
-    with unet_lib.record_attention() as calls:
+    with record_attention() as calls:
         lowered = sampling._sample_jit.lower(params=params, schedule=schedule, labels=labels, keys=keys, **static)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0

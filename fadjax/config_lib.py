@@ -27,7 +27,7 @@ ALIGN_MODES = ("pooled", "tokens")  # fadjax.align.MODES
 PROJECTORS = ("linear", "mlp")  # fadjax.align.PROJECTORS
 SAMPLERS = ("ddpm", "ddim")
 DATA_RANGES = ("[0,1]", "[-1,1]")  # fadjax.diffusion.DATA_RANGES
-ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.unet.ATTENTION_IMPLEMENTATIONS
+ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.attention.ATTENTION_IMPLEMENTATIONS
 
 
 def parse_variant(arg: str | None) -> set[str]:

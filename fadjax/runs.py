@@ -177,8 +177,8 @@ def load_diffusion_run(workdir, *, step: int | None = None, use_ema: bool = True
         text_features = build.null_padded(np.load(workdir / "text_features.npy", allow_pickle=False), labels)
     unet_module = None
     if "unet_config" in record:  # The architecture as trained (also for pretrained U-Nets).
-        from fadjax.models import unet as unet_lib
-        unet_module = unet_lib.UNet(unet_lib.UNetConfig.from_dict(record["unet_config"]),
+        from fadjax.models import unet as unet_lib, unet_config
+        unet_module = unet_lib.UNet(unet_config.UNetConfig.from_dict(record["unet_config"]),
                                     dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
                                     attention=config.model.attention)
     model = build.build_diffusion_model(config, labels, unet_module=unet_module)

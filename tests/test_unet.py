@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fadjax.models import unet as unet_lib
-from fadjax.models.unet import UNet, UNetConfig, from_pretrained, init_params, param_shapes, tiny_sd_config
+from fadjax.bench import record_attention
+from fadjax.models import attention as attention_lib
+from fadjax.models.unet import UNet, init_params, param_shapes
+from fadjax.models.unet_config import UNetConfig, tiny_sd_config
+from fadjax.models.unet_convert import from_pretrained
 
 # tiny-sd's shape: 3 cross-attention down/up blocks, no mid block, one resnet per down block.
 TINY_SD_LIKE = dict(
@@ -263,7 +266,7 @@ def test_init_params_dtypes_and_image_size_check():
         jax.eval_shape(lambda p: UNet(config).apply({"params": p}, x[:, :7, :7], t, context), params)
     with pytest.raises(ValueError, match="attention"):
         jax.eval_shape(lambda p: UNet(config, attention="flash").apply({"params": p}, x, t, context), params)
-    assert unet_lib.ATTENTION_IMPLEMENTATIONS["auto"] is None
+    assert attention_lib.ATTENTION_IMPLEMENTATIONS["auto"] is None
 
 
 @pytest.mark.parametrize("min_queries, max_elements, blocks", [
@@ -272,19 +275,19 @@ def test_init_params_dtypes_and_image_size_check():
     (24, 2 * 3 * 24 * 40, (2, 24)),  # 2 groups of 2 items, each 2 blocks of 24 queries.
 ])
 def test_chunked_attention_matches_full_attention_and_its_gradients(monkeypatch, min_queries, max_elements, blocks):
-    monkeypatch.setattr(unet_lib, "MIN_QUERY_BLOCK", min_queries)
+    monkeypatch.setattr(attention_lib, "MIN_QUERY_BLOCK", min_queries)
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(k1, (4, 48, 3, 8))
     k, v = jax.random.normal(k2, (4, 40, 3, 8)), jax.random.normal(k3, (4, 40, 3, 8))
-    assert unet_lib._blocks(q.shape, 40, max_elements) == blocks
-    chunked = functools.partial(unet_lib.chunked_attention, max_elements=max_elements)
+    assert attention_lib._blocks(q.shape, 40, max_elements) == blocks
+    chunked = functools.partial(attention_lib.chunked_attention, max_elements=max_elements)
     loss = {name: (lambda q, k, v, f=f: jnp.sum(jnp.sin(f(q, k, v)))) for name, f in {
         "full": functools.partial(jax.nn.dot_product_attention, implementation="xla"), "chunked": chunked}.items()}
     np.testing.assert_allclose(loss["chunked"](q, k, v), loss["full"](q, k, v), rtol=1e-5)
     for a, b in zip(jax.grad(loss["chunked"], (0, 1, 2))(q, k, v), jax.grad(loss["full"], (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert "while" in jax.jit(chunked).lower(q, k, v).as_text()  # Blocks, one after the other ...
-    assert "while" not in jax.jit(functools.partial(unet_lib.chunked_attention, max_elements=4 * 3 * 48 * 40)).lower(
+    assert "while" not in jax.jit(functools.partial(attention_lib.chunked_attention, max_elements=4 * 3 * 48 * 40)).lower(
         q, k, v).as_text()  # ... unless one block holds them all.
 
 
@@ -294,7 +297,7 @@ def test_auto_attention_chunks_only_large_score_tensors(monkeypatch):
     x, t, context = inputs(config, batch=2, size=16)
 
     def calls(attention):
-        with unet_lib.record_attention() as counts:
+        with record_attention() as counts:
             jax.eval_shape(lambda p: UNet(config, attention=attention).apply({"params": p}, x, t, context), params)
         return dict(counts)
 
@@ -303,7 +306,7 @@ def test_auto_attention_chunks_only_large_score_tensors(monkeypatch):
     assert calls("auto") == {"xla": 18}
     assert calls("chunked") == {"xla": 18}
     # Batch 2 x 2 heads x 256 x 256 self-attention scores at 16x16 (the largest): chunked above one block.
-    monkeypatch.setattr(unet_lib, "CPU_CHUNK_ELEMENTS", 2 * 2 * 256 * 256 - 1)
+    monkeypatch.setattr(attention_lib, "CPU_CHUNK_ELEMENTS", 2 * 2 * 256 * 256 - 1)
     assert calls("auto") == {"chunked": 3, "xla": 15}
     assert calls("chunked") == {"chunked": 3, "xla": 15}
     assert calls("xla") == {"xla": 18}

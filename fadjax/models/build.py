@@ -53,7 +53,7 @@ class LabelSpace:
 
 def unet_config(config, *, channels: int):
     """The ``UNetConfig`` of a run: the preset with the config's overrides."""
-    from fadjax.models import unet as unet_lib
+    from fadjax.models import unet_config as unet_config_lib
     m = config.model
     if m.preset != "tiny_sd":
         raise config_lib.ConfigError(f"config.model.preset: unknown preset {m.preset!r} (known: 'tiny_sd')")
@@ -61,7 +61,7 @@ def unet_config(config, *, channels: int):
     boc = config_lib.parse_int_list(m.block_out_channels)
     if boc is not None:
         overrides["block_out_channels"] = boc
-    n = len(boc or unet_lib.tiny_sd_config().block_out_channels)
+    n = len(boc or unet_config_lib.tiny_sd_config().block_out_channels)
     levels = config_lib.parse_int_list(m.get("attention_levels"))
     levels = range(n) if levels is None else set(levels)
     overrides["down_block_types"] = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
@@ -71,7 +71,7 @@ def unet_config(config, *, channels: int):
     for key in ("attention_head_dim", "cross_attention_dim", "norm_num_groups", "layers_per_block"):
         if m.get(key) is not None:
             overrides[key] = int(m[key])
-    return unet_lib.tiny_sd_config(**overrides)
+    return unet_config_lib.tiny_sd_config(**overrides)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,8 +197,8 @@ def _models(config, labels: build.LabelSpace):
     """(pretrained U-Net params or None, the run's DiffusionModel, its U-Net's feature shapes)."""
     unet_module = unet_params = None
     if config.model.pretrained:  # The U-Net from pretrained weights.
-        from fadjax.models import unet as unet_lib
-        unet_module, unet_params = unet_lib.from_pretrained(
+        from fadjax.models import unet_convert
+        unet_module, unet_params = unet_convert.from_pretrained(
             config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
             dtype=common.compute_dtype(config), attention=config.model.attention)
     model = build.build_diffusion_model(config, labels, unet_module=unet_module)

@@ -270,8 +270,8 @@ def _starting_model(config, workdir: pathlib.Path, labels: build.LabelSpace):
                      "EMA" if run.used_ema else "raw")
         return run.eps_fn, run.params, run.schedule
     # Pretrained U-Net + the conditioner exactly as the trainer initialises it (same key).
-    from fadjax.models import unet as unet_lib
-    module, unet_params = unet_lib.from_pretrained(
+    from fadjax.models import unet_convert
+    module, unet_params = unet_convert.from_pretrained(
         config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
         dtype=common.compute_dtype(config), attention=config.model.attention)
     model = build.build_diffusion_model(config, labels, unet_module=module)
