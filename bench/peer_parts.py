@@ -1,7 +1,7 @@
 """Runs a subset of the PyTorch peer's measurements (its own functions), one JSON line each.
 
-    python3 bench/peer_parts.py .devcarry/torch_reference_step.py core   # bf16 b64 compiled + eager, 1-image sampling
-    python3 bench/peer_parts.py .devcarry/torch_reference_step.py rest   # fp32 b4 and b64, batch-70 sampling
+    python3 bench/peer_parts.py out/peer/torch_reference_step.py core   # bf16 b64 compiled + eager, 1-image sampling
+    python3 bench/peer_parts.py out/peer/torch_reference_step.py rest   # fp32 b4 and b64, batch-70 sampling
 
 The two parts together are what the peer's own ``__main__`` runs; split, the job can run the
 headline figures first and the rest only when time is left.

@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 JSONL=$OUT/bench.jsonl
 LOG=$OUT/bench.log
 DEADLINE=${BENCH_DEADLINE_S:-340}
-PEER=${PEER:-.devcarry/torch_reference_step.py}
+PEER=${PEER:-out/peer/torch_reference_step.py}
 T0=$SECONDS
 export PYTHONUNBUFFERED=1
 # JAX: preallocate 90% of the card (the peer runs later, in its own process, after JAX has exited);
@@ -60,8 +60,8 @@ peer_part() {
 log "bench/run_h200.sh: deadline ${DEADLINE}s, out $OUT, commit $(git rev-parse --short HEAD 2>/dev/null)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv >>"$LOG" 2>&1
 
-if compgen -G ".whl/*.whl" >/dev/null; then  # Carried wheels: ml_collections (ours), diffusers (the peer).
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if compgen -G "out/whl/*.whl" >/dev/null; then  # Carried wheels: ml_collections (ours), diffusers (the peer).
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site out/whl/*.whl \
     >>"$LOG" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
