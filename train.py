@@ -30,12 +30,10 @@ def main(argv):
     from fadjax import distributed
     distributed.initialize(coordinator=FLAGS.coordinator, num_processes=FLAGS.num_processes,
                            process_id=FLAGS.process_id, auto=FLAGS.distributed)
-    from fadjax import train
-    from fadjax.config_lib import ConfigError
-    from fadjax.workdir import WorkdirError
+    from fadjax import cli, train
     try:
         summary = train.run(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, WorkdirError) as e:
+    except cli.user_errors() as e:
         # A user's bad value, a busy workdir, config drift, SIGTERM's save, a full disk: one line naming
         # what happened, exit status 1, no traceback.
         sys.exit(f"train.py: {e}")

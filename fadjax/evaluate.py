@@ -33,16 +33,16 @@ Writes ``OUT/metrics.json`` and ``confusion_generated.png``, ``confusion_real.pn
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Sequence
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
+from fadjax import cli
 from fadjax import metrics, plots
 from fadjax import workdir as workdir_lib
 from fadjax.data import images as data_images
@@ -405,68 +405,66 @@ def _write_metrics(out: str, result: dict) -> None:
     workdir_lib.write_json(os.path.join(out, "metrics.json"), result)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fadjax.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--generated", default=None,
-                   help="output folder of fadjax.sample; without it the expert judges the --real test set")
-    p.add_argument("--expert_workdir", required=True, help="expert run folder")
-    p.add_argument("--real", default=None,
-                   help="data source of real images (default: the expert's data); without --generated, "
-                        "a test set to judge (required then), e.g. folder:/path/to/test_tiles")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch_size", type=int, default=64, help="expert batch size")
-    g = p.add_argument_group("utility of the synthetic data (fadjax.utility)")
-    g.add_argument("--utility", action="store_true",
-                   help="also measure TSTR/TRTR, augmentation gain, FD and precision/recall (needs --generated)")
-    g.add_argument("--judge2_workdir", default=None,
-                   help="judge run whose features and classifier recipe the utility metrics use "
-                        "(default: the expert)")
-    g.add_argument("--utility_seeds", type=int, default=3, help="classifier seeds 0..N-1 (>= 2 for intervals)")
-    g.add_argument("--augment_fraction", type=float, default=0.1,
-                   help="share of the real training split in the augmentation experiment")
-    g.add_argument("--utility_epochs", type=int, default=None,
-                   help="epochs of each utility classifier (default: the judge's train.num_epochs)")
-    return p.parse_args(argv)
-
-
-def _fail(message: str) -> SystemExit:
-    return SystemExit(f"python -m fadjax.evaluate: {message}")
+FLAGS = cli.Flags("python -m fadjax.evaluate")
+flags.DEFINE_string("generated", None, "Output folder of fadjax.sample; without it the expert judges the --real "
+                    "test set.", flag_values=FLAGS)
+flags.DEFINE_string("expert_workdir", None, "Expert run folder.", flag_values=FLAGS)
+flags.DEFINE_string("real", None, "Data source of real images (default: the expert's data); without --generated, "
+                    "a test set to judge (required then), e.g. folder:/path/to/test_tiles.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Expert batch size.", flag_values=FLAGS)
+# Utility of the synthetic data (fadjax.utility).
+flags.DEFINE_bool("utility", False, "Also measure TSTR/TRTR, augmentation gain, FD and precision/recall "
+                  "(needs --generated).", flag_values=FLAGS)
+flags.DEFINE_string("judge2_workdir", None, "Judge run whose features and classifier recipe the utility metrics "
+                    "use (default: the expert).", flag_values=FLAGS)
+flags.DEFINE_integer("utility_seeds", 3, "Classifier seeds 0..N-1 (>= 2 for intervals).", flag_values=FLAGS)
+flags.DEFINE_float("augment_fraction", 0.1, "Share of the real training split in the augmentation experiment.",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("utility_epochs", None, "Epochs of each utility classifier (default: the judge's "
+                     "train.num_epochs).", flag_values=FLAGS)
+flags.mark_flags_as_required(["expert_workdir", "out"], flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
+    """Judges (``argv`` without the program name; None = ``sys.argv[1:]``); returns the metrics.
+
+    Raises:
+      SystemExit(2): a bad flag.
+      cli.UserError: a bad input, named in one line (``cli.run`` prints it).
+    """
+    args = FLAGS.parse(argv)
     if args.utility and args.generated is None:
-        raise _fail("--utility needs --generated DIR (the images whose utility is measured)")
+        raise cli.UserError("--utility needs --generated DIR (the images whose utility is measured)")
     if args.generated is None and not args.real:
-        raise SystemExit("python -m fadjax.evaluate: give --generated DIR (images to judge) or --real SOURCE "
-                         "(a real test set to judge)")
+        raise cli.UserError("give --generated DIR (images to judge) or --real SOURCE (a real test set to judge)")
     if args.utility:
         if args.utility_seeds < 1:
-            raise _fail(f"--utility_seeds must be >= 1, got {args.utility_seeds}")
+            raise cli.UserError(f"--utility_seeds must be >= 1, got {args.utility_seeds}")
         if not 0.0 < args.augment_fraction <= 1.0:
-            raise _fail(f"--augment_fraction must be in (0, 1], got {args.augment_fraction}")
+            raise cli.UserError(f"--augment_fraction must be in (0, 1], got {args.augment_fraction}")
         if args.utility_epochs is not None and args.utility_epochs < 1:
-            raise _fail(f"--utility_epochs must be >= 1, got {args.utility_epochs}")
+            raise cli.UserError(f"--utility_epochs must be >= 1, got {args.utility_epochs}")
     if args.generated is not None:
         try:
             read_manifest(args.generated)
         except (FileNotFoundError, ValueError) as e:
-            raise _fail(f"--generated: {e}") from None
+            raise cli.UserError(f"--generated: {e}") from None
     logging.set_verbosity(logging.INFO)
     from fadjax.runs import load_expert_run
     try:
         expert = load_expert_run(args.expert_workdir)
     except (FileNotFoundError, ValueError) as e:
-        raise _fail(f"--expert_workdir: {e}") from None
+        raise cli.UserError(f"--expert_workdir: {e}") from None
     try:
         if args.generated is None:
             with workdir_lib.WorkdirLock(args.out, what="evaluation"):
                 return judge_real(expert, args.real, args.out, batch_size=args.batch_size)
         result = evaluate(args.generated, expert, args.out, real=args.real, batch_size=args.batch_size)
     except workdir_lib.WorkdirError as e:  # A busy --out, a damaged generated image: one line.
-        raise _fail(str(e)) from None
+        raise cli.UserError(str(e)) from None
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise cli.UserError(str(e)) from None
     if not args.utility:
         return result
     judge, role = expert, "expert (no --judge2_workdir given)"
@@ -474,16 +472,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         try:
             judge, role = load_expert_run(args.judge2_workdir), "judge2"
         except (FileNotFoundError, ValueError) as e:
-            raise _fail(f"--judge2_workdir: {e}") from None
+            raise cli.UserError(f"--judge2_workdir: {e}") from None
     logging.info("utility metrics judged by %s: %s", role, judge.workdir)
     try:
         result["utility"] = evaluate_utility(
             args.generated, judge, args.out, judge_role=role, seeds=range(args.utility_seeds),
             augment_fraction=args.augment_fraction, spec_overrides={"epochs": args.utility_epochs})
     except ValueError as e:
-        raise _fail(f"utility: {e}") from None
+        raise cli.UserError(f"utility: {e}") from None
     return result
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS.prog)

@@ -1,6 +1,6 @@
 """Puts several evaluated runs side by side (paper Table I, Figs. 3-8).
 
-    python -m fadjax.report --runs reports/baseline reports/fad --out reports/compare
+    python -m fadjax.report --runs reports/baseline,reports/fad --out reports/compare
 
 Reads each ``metrics.json`` written by ``fadjax.evaluate`` and writes ``OUT/report.md``,
 ``OUT/summary.json`` and figures: ``accuracy_per_seed.png`` (Fig. 4), ``ssim_per_class.png``
@@ -11,15 +11,15 @@ every other run's accuracy is compared with it seed by seed (paired difference, 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 from typing import Sequence
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
+from fadjax import cli
 from fadjax import metrics, plots
 from fadjax import workdir as workdir_lib
 from fadjax.evaluate import REAL_EXAMPLES, read_manifest, read_png
@@ -199,19 +199,19 @@ def make_report(report_dirs: Sequence[str], out: str, labels: Sequence[str] | No
     return summary
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fadjax.report", description=__doc__.split("\n")[0])
-    p.add_argument("--runs", nargs="+", required=True, help="output folders of fadjax.evaluate; first = baseline")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--labels", nargs="+", default=None, help="run names (default: folder names)")
-    return p.parse_args(argv)
+FLAGS = cli.Flags("python -m fadjax.report")
+flags.DEFINE_list("runs", None, "Output folders of fadjax.evaluate, comma-separated; the first is the baseline.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
+flags.DEFINE_list("labels", None, "Run names, comma-separated (default: the folder names).", flag_values=FLAGS)
+flags.mark_flags_as_required(["runs", "out"], flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = FLAGS.parse(argv)
     logging.set_verbosity(logging.INFO)
     return make_report(args.runs, args.out, args.labels)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS.prog)

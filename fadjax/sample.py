@@ -20,17 +20,17 @@ any image that is missing or cannot be decoded (e.g. a PNG truncated by a full d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Sequence
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 from tqdm import tqdm
 
+from fadjax import cli
 from fadjax import diffusion as diffusion_lib
 from fadjax import sampling
 from fadjax import workdir as workdir_lib
@@ -238,29 +238,34 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
     return manifest
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fadjax.sample", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="diffusion run folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--no_ema", action="store_true", help="use the raw parameters, not the EMA")
-    p.add_argument("--sampler", choices=sampling.SAMPLERS, default=None, help="default: the run's config")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-    p.add_argument("--num_per_class", type=int, default=None, help="default: the run's config")
-    p.add_argument("--seeds", default=None, help="e.g. 0-14 or 0,3,5 (default: the run's config)")
-    p.add_argument("--classes", default=None, help="comma-separated class names (default: all but excluded)")
-    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--batch_size", type=int, default=None, help="images per compiled call")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process sampling)")
-    p.add_argument("--num_processes", type=int, default=None, help="number of processes")
-    p.add_argument("--process_id", type=int, default=None, help="this process's index")
-    return p.parse_args(argv)
+FLAGS = cli.Flags("python -m fadjax.sample")
+flags.DEFINE_string("workdir", None, "Diffusion run folder.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
+flags.DEFINE_bool("no_ema", False, "Use the raw parameters, not the EMA.", flag_values=FLAGS)
+flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Default: the run's config.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config).", flag_values=FLAGS)
+flags.DEFINE_float("eta", 0.0, "DDIM stochasticity.", flag_values=FLAGS)
+flags.DEFINE_integer("num_per_class", None, "Images per class and seed (default: the run's config).", flag_values=FLAGS)
+flags.DEFINE_string("seeds", None, "E.g. 0-14 or 0,3,5 (default: the run's config).", flag_values=FLAGS)
+flags.DEFINE_string("classes", None, "Comma-separated class names (default: all but excluded).", flag_values=FLAGS)
+flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", None, "Images per compiled call.", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "No progress bar.", flag_values=FLAGS)
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process sampling).", flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=FLAGS)
+flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
+    """Samples (``argv`` without the program name; None = ``sys.argv[1:]``); returns the manifest.
+
+    Raises:
+      SystemExit(2): a bad flag. A folder that is not a run, a busy or mismatched ``--out``: the
+        error (one line from ``cli.run``).
+    """
+    args = FLAGS.parse(argv)
     logging.set_verbosity(logging.INFO)
     from fadjax import distributed
     distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
@@ -268,14 +273,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from fadjax.runs import load_diffusion_run
     run = load_diffusion_run(args.workdir, step=args.step, use_ema=not args.no_ema)
     cfg = run.config.sample
-    try:
-        return generate(run, args.out, seeds=parse_seeds(args.seeds if args.seeds is not None else cfg.seeds),
-                        num_per_class=args.num_per_class or cfg.num_per_class, classes=parse_names(args.classes),
-                        sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                        batch_size=args.batch_size, progress=not args.no_progress)
-    except workdir_lib.WorkdirError as e:  # A busy --out, or a partial one of other settings: one line.
-        raise SystemExit(f"python -m fadjax.sample: {e}") from None
+    return generate(run, args.out, seeds=parse_seeds(args.seeds if args.seeds is not None else cfg.seeds),
+                    num_per_class=args.num_per_class or cfg.num_per_class, classes=parse_names(args.classes),
+                    sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                    batch_size=args.batch_size, progress=not args.no_progress)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS.prog)

@@ -31,6 +31,29 @@ def kather_dir():
     return path
 
 
+KATHER_FOLDERS = ("01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE",
+                  "08_EMPTY")
+
+
+def make_tile_folder(root: pathlib.Path, *, per_class: int) -> str:
+    """A folder source laid out as the Kather 2016 tiles (8 class folders of 150x150 grayscale PNGs).
+
+    The images are generated (the demo's textures, a different draw per class), so the tests that
+    train on a folder run on a fresh clone with nothing beside it; the real tiles are tested in
+    test_data.py where they are present.
+    """
+    from PIL import Image
+
+    from fadjax.data import demo
+    root.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(KATHER_FOLDERS):
+        (root / name).mkdir()
+        for i in range(per_class):
+            pixels = demo.image(c % len(demo.CLASS_NAMES), 1000 * c + i, image_size=150, channels=1)
+            Image.fromarray(pixels[..., 0], mode="L").save(root / name / f"tile_{i:03d}.png")
+    return f"folder:{root}"
+
+
 @pytest.fixture
 def killed_after_first_checkpoint(monkeypatch):
     """A context manager: the run inside it is killed right after its first checkpoint is written.

@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning (configs/dreambooth.py, fadjax/train/dreambooth.py) on a few real tiles:
+"""DreamBooth fine-tuning (configs/dreambooth.py, fadjax/train/dreambooth.py) on a few generated Kather-like tiles:
 from a micro baseline run, with and without alignment, prior-image cache, resume after a crash,
 samples with the identifier and their evaluation; plus the label rows, the cache and config errors."""
 import importlib.util
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_tile_folder
 
 from fadjax import config_lib, evaluate, runs, sample
 from fadjax import train as train_lib
@@ -29,14 +30,9 @@ def dreambooth_config(arg=None):
 
 
 @pytest.fixture(scope="module")
-def tiles(kather_dir, tmp_path_factory):
-    """A folder source with the first PER_CLASS real tiles of each class (symlinks)."""
-    root = tmp_path_factory.mktemp("db_tiles")
-    for cls in sorted(p for p in kather_dir.iterdir() if p.is_dir()):
-        (root / cls.name).mkdir()
-        for f in sorted(cls.glob("*.png"))[:PER_CLASS]:
-            (root / cls.name / f.name).symlink_to(f)
-    return f"folder:{root}"
+def tiles(tmp_path_factory):
+    """A folder source of PER_CLASS generated 150x150 grayscale tiles per Kather class (conftest)."""
+    return make_tile_folder(tmp_path_factory.mktemp("db_tiles"), per_class=PER_CLASS)
 
 
 @pytest.fixture(scope="module")

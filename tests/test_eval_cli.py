@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fadjax import cli
 from fadjax import evaluate as evaluate_lib
 from fadjax import report as report_lib
 from fadjax import sample as sample_lib
@@ -244,9 +245,9 @@ def test_end_to_end_with_trained_runs(tmp_path):
     assert real["real_accuracy"] == saved["real_accuracy"] and 0 <= saved["real_accuracy"] <= 1
     assert set(saved["per_class_accuracy"]) == set(saved["confusion"]["rows"])
     assert (tmp_path / "test" / "confusion_real.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="--generated DIR"):
+    with pytest.raises(cli.UserError, match="--generated DIR"):
         evaluate_lib.main(["--expert_workdir", str(tmp_path / "expert"), "--out", str(tmp_path / "x")])
-    summary = report_lib.main(["--runs", *reports, "--out", str(tmp_path / "cmp")])
+    summary = report_lib.main(["--runs", ",".join(reports), "--out", str(tmp_path / "cmp")])
     assert summary["runs"]["ddpm"]["paired_difference_vs_baseline"]["n"] == 2
     assert (tmp_path / "cmp" / "loss_curves.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="checkpoints"):

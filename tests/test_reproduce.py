@@ -167,7 +167,7 @@ def test_second_invocation_skips_every_stage(micro_run):
 def test_changed_training_settings_are_refused(micro_run):
     out, argv, _, _ = micro_run
     with pytest.raises(pipeline.ReproduceError, match=r"train\.num_steps: 4 \(there\) != 5 \(now\)"):
-        reproduce_main(argv + ["--set", "diffusion.train.num_steps=5"])
+        reproduce_main(argv + ["--diffusion.train.num_steps=5"])
     # Sampling settings are not training settings: other seeds only redo sampling onwards.
     configs = presets.build("micro", data=None, seeds="0-2", expert_workdir=str(out / "runs" / "expert"),
                             cache_dir=str(out / "cache"))
@@ -216,28 +216,32 @@ def test_presets_resolve_and_list_their_deviations():
     assert fast.judge2.expert.arch == "resnet18" and fast.judge2.data.image_size == 64
     assert {c.data.cache for c in (fast.expert, fast.judge2, *fast.models.values())} == {"c/data_64px_1ch.npz"}
 
-    o = presets.parse_overrides(["diffusion.model.block_out_channels=8,16", "judge2.expert.arch=resnet18",
-                                 "fad_xt.align.weight=0.5", "diffusion.train.ema_decay=None"])
+    rest, o = presets.parse_overrides(["--diffusion.model.block_out_channels=8,16", "--judge2.expert.arch=resnet18",
+                                       "--preset", "micro", "--fad_xt.align.weight=0.5",
+                                       "--diffusion.train.ema_decay=None", "--jobs=2"])
+    assert rest == ["--preset", "micro", "--jobs=2"]  # The flags that are not config fields.
     tiny = presets.build("micro", data="demo:10", seeds="3,5", expert_workdir="e", cache_dir=None, overrides=o)
     assert tiny.models["fad_x0"].model.block_out_channels == "8,16" and tiny.judge2.expert.arch == "resnet18"
     assert tiny.models["fad_xt"].align.weight == 0.5 and tiny.models["fad_x0"].align.weight == 1.0
     assert tiny.sample.seeds == "3,5" and tiny.expert.data.source == "demo:10" and tiny.expert.data.cache is None
     assert "fad_xt: align.weight = 0.5 (paper: w2 = 1)" in presets.deviations(tiny)  # only fad_xt has it
-    with pytest.raises(presets.PresetError, match="unknown group"):
-        presets.parse_overrides(["model.x=1"])
+    with pytest.raises(presets.PresetError, match="unknown config group 'model'"):
+        presets.parse_overrides(["--model.x=1"])
+    with pytest.raises(presets.PresetError, match="expected --GROUP.FIELD=VALUE"):
+        presets.parse_overrides(["--diffusion.train.num_steps", "3"])
     with pytest.raises(presets.PresetError, match="no field 'num_stepz'"):
         presets.build("micro", data=None, seeds=None, expert_workdir="e", cache_dir=None,
-                      overrides=presets.parse_overrides(["diffusion.train.num_stepz=3"]))
+                      overrides=presets.parse_overrides(["--diffusion.train.num_stepz=3"])[1])
     with pytest.raises(presets.PresetError, match="sample"):
         presets.build("micro", data=None, seeds=None, expert_workdir="e", cache_dir=None,
-                      overrides=presets.parse_overrides(["fad_xt.sample.steps=7"]))
+                      overrides=presets.parse_overrides(["--fad_xt.sample.steps=7"])[1])
     with pytest.raises(presets.PresetError, match="no shared pre-training"):
         presets.build("micro", data=None, seeds=None, expert_workdir="e", cache_dir=None,
-                      overrides=presets.parse_overrides(["pretrain.train.num_steps=7"]))
+                      overrides=presets.parse_overrides(["--pretrain.train.num_steps=7"])[1])
 
 
 def test_a_preset_with_a_pretrain_group_starts_every_model_from_one_pretraining(tmp_path):
-    o = presets.parse_overrides(["pretrain.train.num_steps=30", "diffusion.train.num_steps=7"])
+    _, o = presets.parse_overrides(["--pretrain.train.num_steps=30", "--diffusion.train.num_steps=7"])
     c = presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None, overrides=o,
                       pretrain_workdir="runs/pretrain")
     assert c.pretrain is not None and not c.pretrain.align.enabled and c.pretrain.init_from is None

@@ -1,4 +1,4 @@
-"""End-to-end training on a small subset of the real tiles: expert, baseline, feature-aligned,
+"""End-to-end training on a small generated folder of Kather-like tiles: expert, baseline, feature-aligned,
 resume after a crash, data-parallel modes against one device, and config errors."""
 import json
 import pathlib
@@ -6,6 +6,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from conftest import make_tile_folder
 
 from fadjax import config_lib, runs
 from fadjax import train as train_lib
@@ -15,14 +16,9 @@ PER_CLASS = 10
 
 
 @pytest.fixture(scope="session")
-def tiles(kather_dir, tmp_path_factory):
-    """A folder source with the first PER_CLASS real tiles of each class (symlinks)."""
-    root = tmp_path_factory.mktemp("tiles")
-    for cls in sorted(p for p in kather_dir.iterdir() if p.is_dir()):
-        (root / cls.name).mkdir()
-        for f in sorted(cls.glob("*.png"))[:PER_CLASS]:
-            (root / cls.name / f.name).symlink_to(f)
-    return f"folder:{root}"
+def tiles(tmp_path_factory):
+    """A folder source of PER_CLASS generated 150x150 grayscale tiles per Kather class (conftest)."""
+    return make_tile_folder(tmp_path_factory.mktemp("tiles"), per_class=PER_CLASS)
 
 
 def tiny_expert_config(source):

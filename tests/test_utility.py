@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fadjax import cli
 from fadjax import evaluate as evaluate_lib
 from fadjax import utility
 from fadjax.data import load, split
@@ -191,7 +192,7 @@ def test_utility_cli_bad_input(tmp_path, monkeypatch):
             (["--generated", str(tmp_path / "nope"), "--utility"], "--generated"),
             (["--utility"], "--utility needs --generated"),
             (["--generated", str(tmp_path), "--utility", "--augment_fraction", "0"], "--augment_fraction")):
-        with pytest.raises(SystemExit, match=needle):
+        with pytest.raises(cli.UserError, match=needle):
             evaluate_lib.main(argv + ["--expert_workdir", "e", "--out", str(tmp_path / "o")])
     # The real command line: one line on stderr, no traceback, non-zero exit.
     proc = subprocess.run([sys.executable, "-m", "fadjax.evaluate", "--generated", str(tmp_path / "nope"),

@@ -1,55 +1,38 @@
 """Command line of ``python -m fadjax.reproduce`` (see the package docstring)."""
 from __future__ import annotations
 
-import argparse
 import pathlib
 import shlex
 import signal
 import sys
 from typing import Sequence
 
-from absl import logging
+from absl import flags, logging
+
+from fadjax import cli
+from fadjax.reproduce import presets
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from fadjax.reproduce import presets
-    p = argparse.ArgumentParser(prog="python -m fadjax.reproduce",
-                                description="The paper's comparison end to end (resumable).")
-    p.add_argument("--preset", choices=sorted(presets.PRESETS), default="tiny",
-                   help="paper: the paper's settings; fast: one H200 in ~6.5 min; tiny: demo data, a CPU")
-    p.add_argument("--data", default=None,
-                   help="folder:PATH, tfds:NAME or demo[:N] (tiny's default: demo:24; paper and fast need it, "
-                        "e.g. tfds:colorectal_histology to download the paper's dataset)")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<preset>)")
-    p.add_argument("--seeds", default=None, help="sampling seeds of every model, e.g. 0-1 (default: the preset's)")
-    p.add_argument("--cache_dir", default=None,
-                   help="folder of the decoded-data caches data_<size>px_<channels>ch.npz (default: OUT/cache)")
-    p.add_argument("--xla_cache", default=None,
-                   help="persistent XLA compilation cache (default: OUT/xla_cache unless one is configured; "
-                        "'none' disables)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="stages run at once, in threads (default: the preset's; fast: 3)")
-    p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
-                   help="override a config field: GROUP is expert, judge2, diffusion (every model), "
-                        "pretrain or a model's name; e.g. --set diffusion.train.num_steps=200 (repeatable)")
-    p.add_argument("--models", default=None,
-                   help="comma-separated models to train beside the baseline, from: "
-                        + ", ".join(presets.MODELS) + " (default: the paper's " + ",".join(presets.DEFAULT_MODELS)
-                        + "); completed stages of OUT (judges, baseline, ...) are reused")
-    p.add_argument("--list_presets", action="store_true", help="print every preset's values and exit")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> dict | None:
-    """Runs the pipeline; a bad flag, preset field or data source prints one line and exits 2."""
-    from fadjax import config_lib
-    from fadjax.data import DataError
-    from fadjax.reproduce import presets
-    try:
-        return _main(argv)
-    except (presets.PresetError, config_lib.ConfigError, DataError) as e:
-        print(f"python -m fadjax.reproduce: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+FLAGS = cli.Flags("python -m fadjax.reproduce")
+flags.DEFINE_enum("preset", "tiny", sorted(presets.PRESETS), "paper: the paper's settings; fast: one H200 in "
+                  "~6.5 min; cpu: the real tiles on 2 CPU cores; tiny: demo data on a CPU in minutes.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("data", None, "folder:PATH, tfds:NAME or demo[:N] (tiny's default: demo:200; paper, fast and "
+                    "cpu need it, e.g. tfds:colorectal_histology to download the paper's dataset).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder (default: reports/<preset>).", flag_values=FLAGS)
+flags.DEFINE_string("seeds", None, "Sampling seeds of every model, e.g. 0-1 (default: the preset's).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("cache_dir", None, "Folder of the decoded-data caches data_<size>px_<channels>ch.npz "
+                    "(default: OUT/cache).", flag_values=FLAGS)
+flags.DEFINE_string("xla_cache", None, "Persistent XLA compilation cache (default: OUT/xla_cache unless one is "
+                    "configured; 'none' disables).", flag_values=FLAGS)
+flags.DEFINE_integer("jobs", None, "Stages run at once, in threads (default: the preset's).", flag_values=FLAGS)
+flags.DEFINE_string("models", None, "Comma-separated models to train beside the baseline, from: "
+                    + ", ".join(presets.MODELS) + " (default: the paper's " + ",".join(presets.DEFAULT_MODELS)
+                    + "); completed stages of OUT (judges, baseline, ...) are reused.", flag_values=FLAGS)
+flags.DEFINE_bool("list_presets", False, "Print every preset's values and exit.", flag_values=FLAGS)
+# Config fields: --GROUP.FIELD=VALUE (GROUP: expert, judge2, diffusion = every model, pretrain, or a model's
+# name), e.g. --diffusion.train.num_steps=200, as train.py's --config.FIELD=VALUE (presets.parse_overrides).
 
 
 def check_data(configs) -> None:
@@ -61,10 +44,21 @@ def check_data(configs) -> None:
             raise DataError(f"--data {c.data.source!r}: no such folder")
 
 
-def _main(argv: Sequence[str] | None = None) -> dict | None:
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Runs the pipeline (``argv`` without the program name; None = ``sys.argv[1:]``); returns the summary.
+
+    Raises:
+      SystemExit(2): a bad flag or config override, or a data source that does not exist, named in
+        one line before any stage starts.
+      fadjax.workdir.WorkdirError: a busy, changed or interrupted OUT (``cli.run`` prints it in one line).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    from fadjax.reproduce import pipeline, presets
+    try:
+        flag_args, overrides = presets.parse_overrides(argv)
+    except presets.PresetError as e:
+        raise cli.usage_error(FLAGS.prog, str(e)) from None
+    args = FLAGS.parse(flag_args)
+    from fadjax.reproduce import pipeline
     if args.list_presets:
         for name in presets.PRESETS:
             print(presets.describe(name))
@@ -79,21 +73,25 @@ def _main(argv: Sequence[str] | None = None) -> dict | None:
     if cache is not None and cache != current:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    configs = presets.build(args.preset, data=args.data, seeds=args.seeds,
-                            expert_workdir=str(out / "runs" / "expert"),
-                            pretrain_workdir=str(out / "runs" / presets.PRETRAIN),
-                            cache_dir=args.cache_dir or str(out / "cache"),
-                            overrides=presets.parse_overrides(args.set), models=presets.parse_models(args.models))
-    check_data(configs)
+    from fadjax import config_lib
+    from fadjax.data import DataError
+    if not args.data and not presets.PRESETS[args.preset]["data"]:
+        raise cli.usage_error(FLAGS.prog, f"--preset {args.preset} needs --data: folder:PATH (one folder per class, "
+                                          f"e.g. the Kather 2016 tiles) or tfds:colorectal_histology (downloads it)")
+    try:
+        configs = presets.build(args.preset, data=args.data, seeds=args.seeds,
+                                expert_workdir=str(out / "runs" / "expert"),
+                                pretrain_workdir=str(out / "runs" / presets.PRETRAIN),
+                                cache_dir=args.cache_dir or str(out / "cache"),
+                                overrides=overrides, models=presets.parse_models(args.models))
+        check_data(configs)
+    except (config_lib.ConfigError, DataError) as e:
+        raise cli.usage_error(FLAGS.prog, str(e)) from None
     command = "python -m fadjax.reproduce " + shlex.join(argv)
     jobs = args.jobs or presets.PRESETS[args.preset]["jobs"]
     # A `timeout` or scheduler kill still records the interrupted stage's time in stages.json.
     signal.signal(signal.SIGTERM, _interrupt)
-    from fadjax.workdir import WorkdirError
-    try:
-        return pipeline.run_all(configs, out, command=command, jobs=jobs, log_file=log_file)
-    except WorkdirError as e:  # A busy folder, config drift, SIGTERM's save, a full disk: one line.
-        sys.exit(f"fadjax.reproduce: {e}")
+    return pipeline.run_all(configs, out, command=command, jobs=jobs, log_file=log_file)
 
 
 def _log_to_file(out: pathlib.Path) -> pathlib.Path:
@@ -126,4 +124,4 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS.prog)

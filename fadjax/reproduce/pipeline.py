@@ -36,7 +36,7 @@ from fadjax.reproduce import presets
 STAGES_FILE = "stages.json"
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(workdir_lib.WorkdirError):
     """An OUT folder that cannot be resumed with this invocation's settings."""
 
 

@@ -352,7 +352,7 @@ PAPER_NUM_SEEDS = 15
 PAPER_DATA = "Kather 2016 colorectal histology (folder:… or tfds:colorectal_histology)"
 
 
-class PresetError(ValueError):
+class PresetError(config_lib.ConfigError):
     """A preset name or override that cannot be applied."""
 
 
@@ -360,18 +360,28 @@ class Text(str):
     """A value typed on the command line: a Python literal when the field takes one, else the text."""
 
 
-def parse_overrides(items) -> dict[str, dict[str, Any]]:
-    """``["diffusion.train.num_steps=100", ...]`` -> ``{"diffusion": {"train.num_steps": Text("100")}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        group, _, field = key.strip().partition(".")
-        if not sep or not field:
-            raise PresetError(f"--set {item!r}: expected GROUP.FIELD=VALUE, e.g. diffusion.train.num_steps=100")
+def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Takes the config overrides out of a command line: ``--GROUP.FIELD=VALUE``, as train.py's ``--config.FIELD=VALUE``.
+
+    GROUP is a config group (``GROUPS``: expert, judge2, diffusion, pretrain or a model's name), e.g.
+    ``--diffusion.train.num_steps=100`` -> ``{"diffusion": {"train.num_steps": Text("100")}}``.
+
+    Returns:
+      ``(the other arguments, the overrides)``.
+    """
+    rest, out = [], {}
+    for item in argv:
+        key, sep, value = item[2:].partition("=") if item.startswith("--") else ("", "", "")
+        group, dot, field = key.partition(".")
+        if not dot:
+            rest.append(item)
+            continue
         if group not in GROUPS:
-            raise PresetError(f"--set {item!r}: unknown group {group!r}; one of {GROUPS}")
+            raise PresetError(f"{item}: unknown config group {group!r}; one of {', '.join(GROUPS)}")
+        if not sep or not field:
+            raise PresetError(f"{item}: expected --GROUP.FIELD=VALUE, e.g. --diffusion.train.num_steps=100")
         out.setdefault(group, {})[field] = Text(value)
-    return out
+    return rest, out
 
 
 def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
@@ -437,7 +447,7 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
         with a ``pretrain`` group.
       cache_dir: folder of the shared decoded-data caches (``data_<size>px_<channels>ch.npz``);
         None = each run's own ``<workdir>/data_cache.npz``.
-      overrides: ``{group: {field: value}}`` applied last (the CLI's ``--set``): ``expert`` and
+      overrides: ``{group: {field: value}}`` applied last (the CLI's ``--GROUP.FIELD=VALUE``): ``expert`` and
         ``judge2`` to that judge only, ``diffusion`` to every model (and the pre-training), a model's
         name to that model, ``pretrain`` to the pre-training.
       models: names of ``MODELS`` to train (the baseline first; :func:`parse_models`).
@@ -478,12 +488,12 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
         apply(pretrain, overrides.get("diffusion", {}))
         apply(apply(pretrain, p[PRETRAIN]), overrides.get(PRETRAIN, {}))
     elif overrides.get(PRETRAIN):
-        raise PresetError(f"--set pretrain.*: preset {preset!r} has no shared pre-training")
+        raise PresetError(f"--pretrain.*: preset {preset!r} has no shared pre-training")
     if not models or models[0] != BASELINE:
         raise PresetError(f"models {models}: the baseline comes first")
     for name in overrides:
         if name in MODELS and name not in models:
-            raise PresetError(f"--set {name}.*: {name} is not one of the trained models {', '.join(models)}")
+            raise PresetError(f"--{name}.*: {name} is not one of the trained models {', '.join(models)}")
     chosen = {}
     for name in models:
         m = MODELS[name]
