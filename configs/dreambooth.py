@@ -21,10 +21,14 @@ from ml_collections.config_dict import placeholder
 
 from fadjax import config_lib
 
+baseline = config_lib.config_module("baseline", beside=__file__)
+common = config_lib.config_module("common", beside=__file__)
+feature_aligned = config_lib.config_module("feature_aligned", beside=__file__)
+
 
 def get_config(arg=None):
-    variants = config_lib.parse_variant(arg)
-    c = config_lib.diffusion_config(arg, align="align" in variants)
+    variants = common.variants(arg)
+    c = (feature_aligned if "align" in variants else baseline).get_config(arg)
     c.data.source = placeholder(str)  # Data source; None = the starting run's (required with model.pretrained).
     c.data.classes = "tumor"  # The ONE instance class (the paper fine-tunes on "Tumor").
 

@@ -576,7 +576,7 @@ def run(config, *, what: str, config_name: str | None = None, batch: int | None 
     whats = WHATS if what == "all" else (what,)
     if expert_arch is None:
         variant = config_name.split(":", 1)[1] if config_name and ":" in config_name else None
-        e = config_lib.expert_config(variant).expert
+        e = config_lib.load("expert", variant).expert
         expert_arch = e.arch
         expert_width = expert_width or (e.width if e.width != 64 else None)
     out = []

@@ -1,20 +1,19 @@
-"""Default configs of every stage and their validation.
+"""Configs: loading the files of ``configs/`` and validating what they hold.
 
-The files in ``configs/`` build on these: ``configs/expert.py``, ``configs/baseline.py``,
-``configs/feature_aligned.py`` and ``configs/dreambooth.py`` call :func:`expert_config` or
-:func:`diffusion_config` and change a few fields. The defaults are the paper's
-hyper-parameters (see ``docs`` and ``../shared/notes/reference_implementation.md``); the
-``tiny`` variants shrink every size so that a run takes seconds on a CPU.
-
-Optional fields use ``placeholder`` so that ``--config.field=value`` can set them from the
-command line.
+Every field, with its comment and the paper's value as its default, lives in ``configs/``
+(``expert.py``, ``baseline.py``, ``feature_aligned.py``, ``dreambooth.py``; ``common.py`` holds the
+sections they share). This module loads them (:func:`load`) and rejects values that cannot work
+before anything is built (:func:`validate`); it holds no defaults.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
 import re
+import types
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
 STAGES = ("expert", "diffusion")
 PARALLEL = ("sharded", "pmap")
@@ -30,201 +29,32 @@ DATA_RANGES = ("[0,1]", "[-1,1]")  # fadjax.diffusion.DATA_RANGES
 ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.attention.ATTENTION_IMPLEMENTATIONS
 
 
-def parse_variant(arg: str | None) -> set[str]:
-    """Splits a config argument such as ``"tiny,clean"`` into a set of variant names."""
-    return {a.strip() for a in (arg or "").split(",") if a.strip()}
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"  # The repository's configs/.
 
 
-def _data(image_size: int) -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    # Where the images come from: "folder:PATH" (one folder per class), "tfds:NAME" (downloaded by
-    # TFDS, e.g. "tfds:colorectal_histology", the paper's dataset) or "demo". No default: nothing is
-    # downloaded unless you name it (the tiny variants use "demo").
-    d.source = placeholder(str)
-    d.image_size = image_size  # Square side the images are resized to (pixels).
-    d.channels = 1  # 1 = grayscale (PIL "L" luma, as the paper), 3 = RGB.
-    d.classes = placeholder(str)  # Comma-separated class names to keep; None keeps all.
-    d.max_per_class = placeholder(int)  # Use at most this many images per class (first in file order); None = all.
-    d.val_fraction = 0.2  # Validation share of the stratified split (the paper's 80/20).
-    d.split_seed = 0  # Seed of the train/validation split (same split on every machine).
-    d.skip_bad_files = False  # Skip undecodable images (listed in a warning) instead of stopping.
-    d.cache = placeholder(str)  # .npz cache of the decoded arrays; None = <workdir>/data_cache.npz.
-    d.data_dir = placeholder(str)  # TFDS data_dir.
-    d.manual_dir = placeholder(str)  # TFDS manual_dir (a manually placed archive, offline).
-    d.hflip = True  # Random horizontal flips during training.
-    d.vflip = True  # Random vertical flips during training.
-    return d
+def config_module(name: str, *, beside: str | os.PathLike | None = None) -> types.ModuleType:
+    """The module of the config file ``NAME.py``: in ``beside``'s folder, else the repository's ``configs/``.
+
+    Config files load their siblings with it (``config_module("baseline", beside=__file__)``), and the
+    package loads the repository's configs by name. Each call executes the file afresh.
+
+    Raises:
+      ConfigError: no such file.
+    """
+    folder = pathlib.Path(beside).resolve().parent if beside else CONFIG_DIR
+    path = folder / f"{name}.py"
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (the configs live in the repository's configs/ folder; "
+                          f"install fadjax from a clone with `pip install -e .`)")
+    spec = importlib.util.spec_from_file_location(f"fadjax_configs.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _optim(lr: float, schedule: str) -> ml_collections.ConfigDict:
-    o = ml_collections.ConfigDict()
-    o.lr = lr  # Peak learning rate of Adam.
-    o.b1 = 0.9  # Adam beta1.
-    o.b2 = 0.999  # Adam beta2.
-    o.eps = 1e-8  # Adam epsilon.
-    o.weight_decay = 0.0  # Decoupled weight decay (AdamW) when > 0.
-    # "constant", "cosine" (per step), "cosine_epoch" (cosine annealing stepped once per epoch,
-    # as torch CosineAnnealingLR(T_max=epochs) in the reference) or "step_epoch" (StepLR).
-    o.schedule = schedule
-    o.step_gamma = 0.7  # "step_epoch": multiply the lr by this after every epoch.
-    o.warmup_steps = 0  # Linear warm-up steps before the schedule.
-    o.grad_clip_norm = placeholder(float)  # Clip the global gradient norm; None = no clipping.
-    return o
-
-
-def _train(batch_size: int, num_epochs: int | None) -> ml_collections.ConfigDict:
-    t = ml_collections.ConfigDict()
-    t.batch_size = batch_size  # Global batch size (split over all devices of all processes).
-    t.num_epochs = placeholder(int) if num_epochs is None else num_epochs  # Run length in epochs ...
-    t.num_steps = placeholder(int)  # ... or in optimizer steps (set exactly one of the two).
-    t.log_every = 50  # Steps between metric logs (metrics.jsonl, TensorBoard, non-finite check).
-    t.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
-    t.keep_checkpoints = 3  # Number of most recent checkpoints kept.
-    t.progress = True  # Progress bar with ETA on a terminal (process 0).
-    # Resume a workdir even though this config changes what it trained (model, data, optimizer, seed,
-    # ...); the changes are recorded in run.json. False: such a rerun stops naming each changed field.
-    t.allow_config_change = False
-    return t
-
-
-def expert_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The expert classifier stage (paper §V-A): ResNet50, 224x224x1, Adam 1e-4, StepLR 0.7."""
-    variants = parse_variant(arg)
-    c = ml_collections.ConfigDict()
-    c.stage = "expert"
-    c.seed = 0  # Seed of initialisation, data order and augmentation.
-    c.parallel = "sharded"  # "sharded" (jit over a device mesh) or "pmap".
-    c.num_devices = placeholder(int)  # Use only the first N devices; None = all of them.
-    c.dtype = "float32"  # Compute dtype ("bfloat16" for mixed precision; params stay float32).
-    c.data = _data(224)
-    c.expert = ml_collections.ConfigDict()
-    c.expert.arch = "resnet50"  # One of resnet18/34/50/101, vit_b16.
-    c.expert.width = 64  # Stem width of the ResNet (64 = standard; smaller for tiny runs).
-    c.expert.head_hidden = 256  # Hidden units of the paper's head Linear(D,256)-ReLU-Linear(256,K).
-    c.expert.pretrained = placeholder(str)  # Local transformers ResNet folder or hub id (ImageNet init).
-    c.optim = _optim(1e-4, "step_epoch")
-    c.train = _train(64, 15)  # Paper: 15 epochs (the reference config uses 10).
-    c.train.log_every = 20
-    c.train.checkpoint_every = 500
-    c.train.eval_every_epoch = 1  # Validate (and keep the best checkpoint) every N epochs.
-    c.train.eval_batch_size = 128  # Batch size of validation passes.
-    if "tiny" in variants:
-        c.data.source = "demo"
-        c.data.image_size = 32
-        c.expert.arch = "resnet18"
-        c.expert.width = 8
-        c.expert.head_hidden = 16
-        c.train.batch_size = 16
-        c.train.num_epochs = 2
-        c.optim.lr = 1e-3  # From scratch and only a few steps: a larger step than the paper's fine-tuning rate.
-        c.train.log_every = 5
-        c.train.checkpoint_every = 20
-        c.train.eval_batch_size = 64
-    return c
-
-
-def diffusion_config(arg: str | None = None, *, align: bool) -> ml_collections.ConfigDict:
-    """The diffusion stage (paper §III-§V-B), feature-aligned when ``align``; the baseline otherwise."""
-    variants = parse_variant(arg)
-    c = ml_collections.ConfigDict()
-    c.stage = "diffusion"
-    c.seed = 0  # Seed of initialisation, data order, noise and timesteps.
-    c.parallel = "sharded"  # "sharded" (jit over a device mesh) or "pmap".
-    c.num_devices = placeholder(int)  # Use only the first N devices; None = all of them.
-    c.dtype = "float32"  # Compute dtype ("bfloat16": bf16 activations, float32 params and Adam state).
-    c.init_from = placeholder(str)  # Start from this diffusion run's workdir (fine-tuning, DreamBooth).
-    c.data = _data(64)
-
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny_sd"  # U-Net architecture preset (segmind/tiny-sd, BK-SDM-Tiny).
-    c.model.block_out_channels = placeholder(str)  # Override, e.g. "32,64,64"; None = preset's.
-    c.model.attention_head_dim = placeholder(int)  # Override of the number of heads; None = preset's.
-    c.model.cross_attention_dim = placeholder(int)  # Override of the context width; None = preset's.
-    c.model.norm_num_groups = placeholder(int)  # Override of GroupNorm groups; None = preset's.
-    # Levels (0 = the first, full-resolution one) whose blocks carry the transformer (self- and
-    # cross-attention, through which the class conditioning enters), e.g. "2" or "1,2";
-    # None = every level (tiny-sd). The other levels use plain ResNet blocks (DownBlock2D/UpBlock2D).
-    c.model.attention_levels = placeholder(str)
-    c.model.layers_per_block = placeholder(int)  # Override of ResNet layers per block; None = preset's (1).
-    c.model.pretrained = placeholder(str)  # Local diffusers U-Net folder or hub id ("segmind/tiny-sd").
-    c.model.attention = "auto"  # "auto", "cudnn" (fused flash attention on GPU), "xla" or "chunked" (bounded memory).
-
-    c.cond = ml_collections.ConfigDict()
-    c.cond.mode = "class_embed"  # "class_embed" (learned table) or "clip" (the paper's CLIP text features).
-    c.cond.clip_path = placeholder(str)  # Local CLIP folder (or hub id) for mode "clip".
-    c.cond.prompt = "{}"  # Text per class for "clip"; "{}" is replaced by the class name.
-    c.cond.label_dropout = 0.0  # Probability of the null label in training (enables classifier-free guidance).
-
-    c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.num_train_timesteps = 1000  # DDPM steps T.
-    c.diffusion.beta_schedule = "squaredcos_cap_v2"  # The paper's cosine schedule.
-    c.diffusion.max_train_timestep = 999  # t ~ U{0, ..., max-1}; the reference never draws 999.
-    c.diffusion.loss_weight = 1.0  # w1: weight of the noise-prediction MSE.
-    # Range the images are diffused in: "[0,1]" as the reference code feeds them, or "[-1,1]" (the
-    # usual DDPM practice, matching the samplers' clip of the predicted x0 to [-1, 1]). Data and
-    # samples stay in [0, 1] outside the model; the expert always sees its own [0, 1] range.
-    c.diffusion.data_range = "[0,1]"
-
-    c.align = ml_collections.ConfigDict()
-    c.align.enabled = align  # Feature alignment on (False = the baseline).
-    c.align.weight = 1.0  # w2: weight of the alignment loss.
-    c.align.expert_workdir = placeholder(str)  # Workdir of the trained expert (required when enabled) ...
-    c.align.train_missing_expert = False  # ... unless this is set: then a tiny expert is trained in <workdir>/expert first.
-    # U-Net feature aligned to the expert: "down_2_shortcut" is the reference code's hook
-    # (down_blocks.2.resnets.0.conv_shortcut); "down_2" is the last down block's output.
-    c.align.unet_feature = "down_2_shortcut"
-    # Any named U-Net feature: down_{i}, down_{i}_shortcut, mid (with a mid block), up_{i} (up block i's output).
-    c.align.expert_feature = "pooled"  # Expert feature: "pooled" (2048-d for ResNet50) or a spatial stage_{s} / block_{i}.
-    # "pooled": the paper, one pooled vector per image, the projector maps the expert's to the U-Net's width.
-    # "tokens": REPA-style, a cosine per spatial position on one grid, the projector maps the U-Net's
-    # tokens to the expert's width (needs a spatial expert_feature). See fadjax/align.py.
-    c.align.mode = "pooled"
-    c.align.projector = "linear"  # "linear" (the paper's W_p) or "mlp" (REPA's Linear-SiLU-Linear-SiLU-Linear).
-    c.align.projector_hidden = 256  # Hidden width of the "mlp" projector (REPA: 2048).
-    c.align.expert_input = "noisy"  # "noisy": expert sees x_t (the paper); "clean": x0 (Table I ablation).
-    c.align.expert_resize = placeholder(int)  # Resize the expert's input to this size; None = as is (the reference).
-
-    c.optim = _optim(1e-4, "cosine_epoch")
-    c.train = _train(4, 20)
-    c.train.log_every = 50
-    c.train.checkpoint_every = 2000
-    c.train.ema_decay = placeholder(float)  # EMA of the parameters (e.g. 0.999); None = no EMA.
-    # EMA warm-up: the decay at step t is min(ema_decay, (1 + t) / (10 + t)), so a short run's EMA is
-    # not mostly its initialisation (False: the fixed decay from step 0).
-    c.train.ema_warmup = True
-
-    c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddpm"  # "ddpm" (all training steps, the paper) or "ddim".
-    c.sample.steps = placeholder(int)  # Sampling steps (None = all training steps for DDPM, 50 for DDIM).
-    c.sample.num_per_class = 10  # Images per class and seed (the paper: 10).
-    c.sample.seeds = "0-14"  # Seeds shared by every compared model (the paper: 15).
-    c.sample.exclude_classes = "empty"  # Comma-separated classes not generated (the paper drops "empty").
-    c.sample.guidance_scale = 1.0  # Classifier-free guidance (needs cond.label_dropout > 0 in training).
-    c.sample.batch_size = 70  # Images per compiled sampling call.
-
-    if "clean" in variants:
-        c.align.expert_input = "clean"
-    if "tiny" in variants:
-        c.align.train_missing_expert = True  # The CPU demo runs on its own: a tiny expert is trained first.
-        c.data.source = "demo"
-        c.data.image_size = 16
-        c.model.block_out_channels = "16,32,64"
-        c.model.attention_head_dim = 2
-        c.model.cross_attention_dim = 16
-        c.model.norm_num_groups = 8
-        c.train.batch_size = 8
-        c.train.num_epochs = None
-        c.train.num_steps = 6
-        c.train.log_every = 2
-        c.train.checkpoint_every = 3
-        c.optim.lr = 1e-3
-        c.optim.schedule = "cosine"
-        c.sample.steps = 10
-        c.sample.sampler = "ddim"
-        c.sample.num_per_class = 3
-        c.sample.seeds = "0-1"
-        c.sample.batch_size = 16
-    return c
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/NAME.py``'s ``get_config(arg)``, as ``--config configs/NAME.py:ARG`` gives it to train.py."""
+    return config_module(name).get_config(arg)
 
 
 class ConfigError(ValueError):
@@ -339,7 +169,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(not (a.get("mode") == "tokens" and a.expert_feature == "pooled"), "align.expert_feature",
            "align.mode='tokens' aligns spatial maps: choose a spatial expert feature (e.g. stage_2), not 'pooled'")
     if a.enabled:
-        _check(bool(a.expert_workdir) or a.get("train_missing_expert", False), "align.expert_workdir",
+        _check(bool(a.expert_workdir), "align.expert_workdir",
                "feature alignment needs a trained expert: train one with `python train.py "
                "--config configs/expert.py --workdir runs/expert`, then pass --config.align.expert_workdir=runs/expert")
     s = config.sample

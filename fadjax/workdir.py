@@ -264,8 +264,8 @@ _depth = [0]
 class install_preemption:
     """``with install_preemption():`` SIGTERM sets the stop flag (main thread only; elsewhere a no-op).
 
-    The previous handler comes back on exit. The outermost entry clears the flag (a nested run, such
-    as the tiny expert a demo trains first, keeps a signal that came before it).
+    The previous handler comes back on exit. The outermost entry clears the flag (a nested entry keeps a signal that came
+    before it).
     """
 
     def __enter__(self):

@@ -76,7 +76,7 @@ def test_token_loss_rejects_pooled_features_and_wrong_widths():
 
 
 def test_config_validation_of_align_fields():
-    c = config_lib.diffusion_config("tiny", align=True)
+    c = config_lib.load("feature_aligned", "tiny")
     c.align.mode = "tokens"  # with the default expert_feature 'pooled'
     with pytest.raises(config_lib.ConfigError, match="align.expert_feature"):
         config_lib.validate(c)
@@ -87,7 +87,7 @@ def test_config_validation_of_align_fields():
 
 def test_unet_exposes_up_block_features():
     from fadjax.models import build
-    c = config_lib.diffusion_config("tiny", align=False)
+    c = config_lib.load("baseline", "tiny")
     model = build.build_diffusion_model(c, build.LabelSpace(("a", "b"), has_null=False))
     shapes = model.feature_shapes(image_size=16, channels=1)
     assert {"down_0", "down_2", "up_0", "up_1", "up_2"} <= set(shapes)
@@ -97,7 +97,7 @@ def test_unet_exposes_up_block_features():
 @pytest.fixture(scope="module")
 def demo_expert(tmp_path_factory):
     from fadjax import train as train_lib
-    c = config_lib.expert_config("tiny")
+    c = config_lib.load("expert", "tiny")
     c.data.source, c.data.image_size, c.data.val_fraction = "demo:4", 16, 0.5
     c.train.progress, c.train.num_epochs, c.train.batch_size = False, 1, 8
     workdir = tmp_path_factory.mktemp("expert")
@@ -110,7 +110,7 @@ def demo_expert(tmp_path_factory):
 def test_tiny_training_run_of_each_variant(demo_expert, tmp_path, mode, projector, expert_feature):
     from fadjax import runs
     from fadjax import train as train_lib
-    c = config_lib.diffusion_config("tiny", align=True)
+    c = config_lib.load("feature_aligned", "tiny")
     c.data.source, c.data.image_size, c.train.progress = "demo:4", 16, False
     c.model.block_out_channels, c.model.attention_head_dim, c.model.cross_attention_dim = "8,16", 1, 8
     c.model.norm_num_groups, c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 2, 1

@@ -37,7 +37,7 @@ def tiles(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expert_workdir(tiles, tmp_path_factory):
-    c = config_lib.expert_config("tiny")
+    c = config_lib.load("expert", "tiny")
     c.data.source = tiles
     c.num_devices = 1
     c.train.progress = False
@@ -50,7 +50,7 @@ def expert_workdir(tiles, tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(tiles, tmp_path_factory):
     """A micro baseline (8x8 images, U-Net 8,16) with a null label and an EMA."""
-    c = config_lib.diffusion_config("tiny", align=False)
+    c = config_lib.load("baseline", "tiny")
     c.data.source = tiles
     c.num_devices = 1
     c.train.progress = False

@@ -215,11 +215,11 @@ def test_end_to_end_with_trained_runs(tmp_path):
     from fadjax import config_lib
     from fadjax import train as train_lib
 
-    c = config_lib.expert_config("tiny")
+    c = config_lib.load("expert", "tiny")
     c.data.source, c.data.image_size, c.data.val_fraction = "demo:4", 16, 0.5
     c.train.progress, c.train.num_epochs, c.train.batch_size = False, 1, 8
     train_lib.run(c, tmp_path / "expert")
-    c = config_lib.diffusion_config("tiny", align=False)
+    c = config_lib.load("baseline", "tiny")
     c.data.source, c.data.image_size, c.train.progress = "demo:4", 8, False
     c.model.block_out_channels, c.model.attention_head_dim, c.model.cross_attention_dim = "8,16", 1, 8
     c.model.norm_num_groups, c.train.num_steps, c.train.checkpoint_every = 4, 2, 2

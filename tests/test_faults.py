@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def micro_config(**train):
     """The baseline's tiny config on the demo data with a micro U-Net (seconds on a CPU)."""
-    c = config_lib.diffusion_config("tiny", align=False)
+    c = config_lib.load("baseline", "tiny")
     c.data.source = "demo:4"
     c.data.image_size = 8
     c.model.block_out_channels = "8,16"
@@ -362,15 +362,15 @@ def test_sampling_output_lock_partial_drift_and_damaged_images(tmp_path, monkeyp
 
 
 def test_config_drift_rules_field_by_field():
-    old = config_lib.expert_config("tiny")
+    old = config_lib.load("expert", "tiny")
     saved = json.loads(json.dumps(old.to_dict()))
-    new = config_lib.expert_config("tiny")
+    new = config_lib.load("expert", "tiny")
     new.train.num_epochs, new.train.progress, new.num_devices = 3, False, 2  # Extend and observe.
     changes = workdir_lib.config_drift(saved, new)
     assert {(c["field"], c["old"], c["new"], c["kind"]) for c in changes} == {
         ("train.num_epochs", 2, 3, "extend"), ("train.progress", True, False, "observe"),
         ("num_devices", None, 2, "observe")}
-    new = config_lib.expert_config("tiny")
+    new = config_lib.load("expert", "tiny")
     new.train.num_epochs, new.train.num_steps = None, 100  # A switch of the run length's field is drift.
     new.expert.width = 16
     with pytest.raises(workdir_lib.ConfigDrift, match=r"expert.width 8 -> 16; train.num_epochs 2 -> None; "

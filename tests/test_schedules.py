@@ -12,7 +12,7 @@ from fadjax.train import common
 
 
 def _optim(**kw):
-    o = config_lib.diffusion_config(None, align=False).optim
+    o = config_lib.load("baseline", None).optim
     for k, v in kw.items():
         o[k] = v
     return o
@@ -85,14 +85,14 @@ def test_data_range_round_trip():
     assert diffusion_lib.to_model_range(x, "[0,1]") is x
     with pytest.raises(ValueError, match="data_range"):
         diffusion_lib.to_model_range(x, "[0,255]")
-    c = config_lib.diffusion_config("tiny", align=False)
+    c = config_lib.load("baseline", "tiny")
     c.diffusion.data_range = "0..1"
     with pytest.raises(config_lib.ConfigError, match="diffusion.data_range"):
         config_lib.validate(c)
 
 
 def test_attention_levels_choose_block_types_and_features():
-    c = config_lib.diffusion_config("tiny", align=False)
+    c = config_lib.load("baseline", "tiny")
     c.model.block_out_channels = "8,16,16"
     c.model.norm_num_groups = 4
     c.model.attention_levels = "2"

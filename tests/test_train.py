@@ -22,14 +22,14 @@ def tiles(tmp_path_factory):
 
 
 def tiny_expert_config(source):
-    c = config_lib.expert_config("tiny")
+    c = config_lib.load("expert", "tiny")
     c.data.source = source
     c.train.progress = False
     return c
 
 
 def tiny_diffusion_config(source, *, align, expert_workdir=None, arg="tiny"):
-    c = config_lib.diffusion_config(arg, align=align)
+    c = config_lib.load("feature_aligned" if align else "baseline", arg)
     c.data.source = source
     c.train.progress = False
     if align:
@@ -148,7 +148,6 @@ def test_bad_config_values_are_rejected_before_compiling(tiles, expert_workdir, 
     c.num_devices = 4
     section, key = field.split(".")
     c[section][key] = value
-    c.align.train_missing_expert = False  # (tiny's default trains a missing expert instead)
     with pytest.raises(config_lib.ConfigError, match=match):
         train_lib.run(c, tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

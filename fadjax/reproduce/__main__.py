@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from fadjax import config_lib
     from fadjax.data import DataError
-    if not args.data and not presets.PRESETS[args.preset]["data"]:
+    if not args.data and presets.PRESETS[args.preset]["needs_data"]:
         raise cli.usage_error(FLAGS.prog, f"--preset {args.preset} needs --data: folder:PATH (one folder per class, "
                                           f"e.g. the Kather 2016 tiles) or tfds:colorectal_histology (downloads it)")
     try:

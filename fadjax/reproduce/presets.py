@@ -1,10 +1,13 @@
-"""The presets of ``python -m fadjax.reproduce``: every value they change, in one place.
+"""The presets of ``python -m fadjax.reproduce``: which config variants each stage uses.
 
-A preset is a set of ml_collections overrides (dotted field paths) applied to the configs of
-:mod:`fadjax.config_lib`: ``expert`` to the expert classifier, ``judge2`` on top of the expert's
-(the second judge: another architecture and seed, the same data and split), ``diffusion`` to all
-three diffusion models (baseline, aligned on x_t, aligned on x0 with the ``clean`` variant). The
-``sample.*`` fields of the diffusion config are the sampling settings every model shares.
+A preset names a variant of the config files in ``configs/`` (``cpu``, ``fast``, ``tiny,demo``,
+``tiny,micro``; the paper's settings are the files' defaults): the expert is ``expert.py:VARIANT``,
+the second judge ``expert.py:VARIANT,judge2`` (another architecture and seed, the same data and
+split), each diffusion model ``baseline.py`` or ``feature_aligned.py`` with the variant and the
+model's own (``clean``, ``tokens``), the shared pre-training ``baseline.py:VARIANT,pretrain``. Every
+value lives in those files; a preset here adds only how reproduce runs (stages at once, utility
+metrics, whether --data is needed). The ``sample.*`` fields of the diffusion config are the sampling
+settings every model shares.
 
 ``PAPER`` lists the paper's settings as config values; :func:`deviations` compares a preset's
 resolved configs with it, so the report's list of deviations is generated, never hand-written.
@@ -50,31 +53,26 @@ from fadjax import config_lib
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A diffusion model reproduce can train: alignment on or off, a config variant and fields of its own."""
+    """A diffusion model reproduce can train: a config file of ``configs/`` and its variant."""
 
     label: str  # How reports name it.
-    align: bool  # Feature alignment on.
-    variant: str | None = None  # Config variant (e.g. "clean": the expert sees x0).
-    fields: tuple[tuple[str, Any], ...] = ()  # Its own config fields, applied after the preset's diffusion group.
+    config: str  # "baseline" or "feature_aligned" (configs/<config>.py).
+    variant: str | None = None  # The model's own variants, after the preset's (e.g. "clean": the expert sees x0).
 
 
-# REPA-style token-wise alignment (issue 16): a cosine per position between the U-Net feature's tokens,
-# projected by REPA's 3-layer MLP, and the expert's spatial map (its second stage: at 32 px a 4x4 grid,
-# the grid of the paper's hook there); weight 0.5 as REPA.
-_TOKENS = (("align.mode", "tokens"), ("align.projector", "mlp"), ("align.expert_feature", "stage_2"),
-           ("align.weight", 0.5))
 # Every model reproduce knows; ``--models`` picks some (the baseline always, every comparison is to it).
 MODELS: dict[str, Model] = {
-    "baseline": Model("baseline", False),                      # Paper §III: the plain U-Net.
-    "fad_xt": Model("aligned on x_t", True),                   # Paper §IV: expert features of the noisy x_t.
-    "fad_x0": Model("aligned on x0", True, "clean"),           # Table I ablation: expert features of the clean x0.
-    "repa_tokens_x0": Model("tokens+MLP on x0", True, "clean", _TOKENS),  # REPA: the clean image's features.
-    "repa_tokens_xt": Model("tokens+MLP on x_t", True, None, _TOKENS),
+    "baseline": Model("baseline", "baseline"),                          # Paper §III: the plain U-Net.
+    "fad_xt": Model("aligned on x_t", "feature_aligned"),               # Paper §IV: expert features of the noisy x_t.
+    "fad_x0": Model("aligned on x0", "feature_aligned", "clean"),       # Table I ablation: the clean x0's.
+    # REPA-style token-wise alignment (issue 16; feature_aligned.py's "tokens" variant).
+    "repa_tokens_x0": Model("tokens+MLP on x0", "feature_aligned", "clean,tokens"),  # REPA: the clean image's.
+    "repa_tokens_xt": Model("tokens+MLP on x_t", "feature_aligned", "tokens"),
 }
 DEFAULT_MODELS = ("baseline", "fad_xt", "fad_x0")  # The paper's comparison.
 BASELINE = "baseline"
 JUDGES = ("expert", "judge2")  # "expert" is the judge of the paper (it is also the alignment target).
-# "pretrain": the shared pre-training of the U-Net (a preset with a "pretrain" group; see ``build``).
+# "pretrain": the shared pre-training of the U-Net (a preset with "pretrain"; see ``build``).
 GROUPS = ("expert", "judge2", "diffusion", "pretrain") + tuple(MODELS)
 
 
@@ -93,216 +91,26 @@ def parse_models(text: str | None) -> tuple[str, ...]:
 
 PRETRAIN = "pretrain"
 
+# Utility of the synthetic data (fadjax.utility): TSTR, augmentation gain, FD and precision/recall in
+# judge2's features; classifiers of judge2's recipe over 3 seeds, 10% of the real training split.
+_UTILITY = {"seeds": 3, "augment_fraction": 0.1}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's settings: the configs' defaults, nothing changed (20 epochs at batch 4, DDPM 1000
-    # sampling steps, ResNet50 at 224 px for 15 epochs, 10 images x 7 classes x 15 seeds).
-    "paper": {
-        "variant": None,
-        "data": None,  # None: --data is required (folder:PATH, or tfds:colorectal_histology to download).
-        "jobs": 1,     # Stages one after the other.
-        # Usefulness of the synthetic data (fadjax.utility): TSTR, augmentation gain, FD and precision/recall
-        # in judge2's features; classifiers of judge2's recipe over 3 seeds, 10% of the real training split.
-        "utility": {"seeds": 3, "augment_fraction": 0.1},
-        "expert": {},
-        "judge2": {
-            "expert.arch": "resnet34",  # Another architecture than the ResNet50 expert ...
-            "seed": 1,                  # ... another seed; same data, split and schedule.
-        },
-        "diffusion": {},
-    },
-    # One H200 end to end in ~6.5 minutes (budget in the module docstring).
-    "fast": {
-        "variant": None,
-        "data": None,
-        "jobs": 3,  # Stages at once (threads): their host-side compiles overlap (see the budget above).
-        "utility": {"seeds": 3, "augment_fraction": 0.1},
-        "expert": {
-            "dtype": "bfloat16",          # Mixed precision (params and Adam in float32).
-            "data.image_size": 64,        # The expert sees 64 px tiles (paper 224: 12x the FLOPs).
-            "train.batch_size": 128,      # Paper 64.
-            "train.num_epochs": 15,       # As the paper: 420 steps of 128, ~10 s of GPU at 64 px.
-            "optim.lr": 1e-3,             # From scratch (no ImageNet weights offline): 10x the paper's 1e-4.
-            "train.eval_every_epoch": 3,  # Validate (keep the best) every 3 epochs: 5 passes.
-            "train.log_every": 28,        # One log line per epoch.
-            "train.eval_batch_size": 230,  # 920 validation images = 4 batches.
-        },
-        "judge2": {
-            "expert.arch": "resnet18",  # Another architecture ...
-            "seed": 1,                  # ... and seed; same data, split and schedule.
-        },
-        "diffusion": {
-            "dtype": "bfloat16",                  # Mixed precision (params and Adam in float32).
-            "model.block_out_channels": "64,128",  # Two of tiny-sd's three levels, at 1/5 of its width.
-            "model.attention_head_dim": 4,        # Heads per block (tiny-sd: 8).
-            "model.cross_attention_dim": 256,     # Context width (tiny-sd: 768).
-            # model.attention stays 'auto': cuDNN flash attention on a GPU in bf16, XLA or chunked elsewhere.
-            "align.unet_feature": "down_1_shortcut",  # Last down block's first-resnet shortcut (tiny-sd: down_2_...).
-            "train.batch_size": 128,              # Paper 4.
-            "train.num_epochs": None,             # Run length in steps instead ...
-            "train.num_steps": 400,               # ... 400 x 128 = 51k images (~14 epochs; paper 20 x 3680).
-            "optim.lr": 5e-4,                     # Paper 1e-4 at batch 4; ~sqrt-scaled to batch 128.
-            "optim.schedule": "cosine",           # Per-step cosine (paper: cosine stepped per epoch).
-            "optim.warmup_steps": 25,             # Linear warm-up for the large batch.
-            "train.log_every": 50,                # 8 log lines per model.
-            "train.checkpoint_every": 400,        # One checkpoint, at the end.
-            "sample.sampler": "ddim",             # Paper: DDPM, all 1000 steps.
-            "sample.steps": 50,                   # DDIM steps.
-            "sample.batch_size": 350,             # 1050 images per model in 3 compiled calls.
-        },
-    },
-    # The paper's comparison on the real Kather tiles on one CPU machine (2 cores) in under 90 minutes;
-    # every value sized from measurements on 2 cores (the budget is in results/paper_cpu/README.md).
-    "cpu": {
-        "variant": None,
-        "data": None,  # --data is required (folder:PATH of the Kather tiles, or tfds:colorectal_histology).
-        "jobs": 2,     # Two stages at once: the judges train beside the pre-training, the models in pairs.
-        "utility": {"seeds": 3, "augment_fraction": 0.1},  # judge2's recipe: ~40 s per classifier at 32 px.
-        "expert": {
-            "num_devices": 1,
-            "data.image_size": 32,        # The generated size (paper 224).
-            "expert.arch": "resnet18",    # Paper ResNet50 (at 32 px from scratch a ResNet18 reached 80%).
-            "expert.width": 16,           # Stem width 16 (stages 16..128, pooled feature 128-d).
-            "expert.head_hidden": 64,     # Paper 256.
-            "train.batch_size": 64,
-            "train.num_epochs": 15,       # As the paper: 855 steps, ~1600 img/s on 2 cores.
-            "optim.lr": 2e-3,             # From scratch (no ImageNet weights offline).
-            "optim.schedule": "cosine",
-            "train.eval_every_epoch": 5,
-            "train.log_every": 100,
-            "train.checkpoint_every": 5000,
-            "train.eval_batch_size": 230,  # 920 validation images = 4 batches.
-        },
-        "judge2": {
-            "expert.arch": "resnet34",  # Another architecture ...
-            "seed": 1,                  # ... and seed.
-        },
-        "diffusion": {
-            "num_devices": 1,
-            "data.image_size": 32,
-            "diffusion.data_range": "[-1,1]",          # The usual DDPM practice (the reference: [0, 1]).
-            "model.block_out_channels": "16,32,64,128",  # Four levels: 32, 16, 8 and 4 px.
-            "model.attention_levels": "2,3",           # Attention at 8x8 and 4x4 only: 58 img/s on 2 cores.
-            "model.attention_head_dim": 4,
-            "model.cross_attention_dim": 128,
-            "model.norm_num_groups": 8,
-            "align.unet_feature": "down_3_shortcut",   # The last down block's first-resnet shortcut, as tiny-sd.
-            "cond.label_dropout": 0.1,                 # Trains the unconditional branch for guidance.
-            "train.batch_size": 32,
-            "train.num_epochs": None,
-            "train.num_steps": 700,                    # Each model's own steps after the shared pre-training.
-            "optim.lr": 5e-4,
-            "optim.schedule": "cosine",
-            "optim.warmup_steps": 20,
-            "train.ema_decay": 0.999,                  # With the warm-up of train.ema_warmup.
-            "train.log_every": 50,
-            "train.checkpoint_every": 350,
-            "sample.sampler": "ddpm",
-            "sample.steps": 25,
-            "sample.guidance_scale": 3.0,
-            "sample.batch_size": 350,                  # 1050 images per model in 3 compiled calls.
-        },
-        "pretrain": {
-            "train.num_steps": 3500,  # The shared pre-training: 112k images (~30 epochs of 3680).
-            "optim.lr": 1e-3,
-            "optim.warmup_steps": 100,
-            "train.checkpoint_every": 500,
-        },
-    },
+    # The paper's settings: the configs' defaults (20 epochs at batch 4, DDPM 1000 sampling steps,
+    # ResNet50 at 224 px for 15 epochs, 10 images x 7 classes x 15 seeds); stages one after the other.
+    "paper": {"variant": None, "needs_data": True, "jobs": 1, "utility": _UTILITY},
+    # One H200 end to end in ~6.5 minutes (budget in the module docstring); stages at once (threads):
+    # their host-side compiles overlap.
+    "fast": {"variant": "fast", "needs_data": True, "jobs": 3, "utility": _UTILITY},
+    # The paper's comparison on the real Kather tiles on one CPU machine (2 cores) in under 90 minutes:
+    # two stages at once (the judges beside the pre-training, the models in pairs); judge2's recipe is
+    # ~40 s per utility classifier at 32 px.
+    "cpu": {"variant": "cpu", "needs_data": True, "jobs": 2, "utility": _UTILITY, PRETRAIN: True},
     # README's first command: the built-in demo textures on a laptop CPU in under 5 minutes, small enough
-    # to finish and large enough to learn (budget in README; each value measured on 2 cores).
-    "tiny": {
-        "variant": "tiny",   # config_lib's tiny variant first, then these.
-        "data": "demo:200",  # 5 procedural texture classes x 200 images (160 train / 40 validation each).
-        "jobs": 2,           # Two stages at once: one compiles (one core) while the other computes.
-        "expert": {
-            "num_devices": 1,             # One device (a CPU).
-            "data.image_size": 16,        # The judges see the generated size.
-            "expert.width": 8,            # ResNet18 stem width.
-            "expert.head_hidden": 16,
-            "train.batch_size": 32,
-            "train.num_epochs": 20,       # 500 steps, ~1000 img/s on 2 cores: 97-98% validation accuracy.
-            "optim.lr": 3e-3,             # From scratch: StepLR 0.7 from 1e-3 stalled at 75%.
-            "optim.schedule": "cosine",
-            "train.eval_every_epoch": 10,  # Two validations (best checkpoint kept).
-            "train.log_every": 25,
-            "train.checkpoint_every": 250,
-            "train.eval_batch_size": 200,  # The whole validation split in one batch.
-        },
-        "judge2": {
-            "expert.width": 16,  # Another network: twice the width (ResNet34 from scratch reached 84% here) ...
-            "seed": 1,           # ... and another seed.
-        },
-        "diffusion": {
-            "num_devices": 1,
-            "data.image_size": 16,
-            "diffusion.data_range": "[-1,1]",         # The usual DDPM practice (the reference: [0, 1]).
-            "model.block_out_channels": "16,32,64",   # Three levels: 16, 8 and 4 px.
-            "model.attention_levels": "2",            # Attention (and the class context) at 4x4 only: 278 img/s,
-                                                      # twice the speed of a (32,64) U-Net with it at 8x8.
-            "align.unet_feature": "down_2_shortcut",  # The last down block's first-resnet shortcut, as tiny-sd.
-            "model.attention_head_dim": 1,
-            "model.cross_attention_dim": 32,
-            "model.norm_num_groups": 8,
-            "cond.label_dropout": 0.1,                # Trains the unconditional branch for guidance.
-            "train.batch_size": 32,
-            "train.num_steps": 120,                   # Each model's own steps after the shared pre-training.
-            "optim.lr": 1e-3,
-            "optim.schedule": "cosine",
-            "optim.warmup_steps": 20,
-            "train.ema_decay": 0.995,                 # With the warm-up of train.ema_warmup.
-            "train.log_every": 50,
-            "train.checkpoint_every": 120,
-            "sample.sampler": "ddpm",                 # DDPM beat DDIM at this training length (70% vs 51%).
-            "sample.steps": 25,                       # As good as 50 and 100 here (69%, 68%, 72%).
-            "sample.guidance_scale": 3.0,             # Classifier-free guidance: +10 points over none.
-            "sample.num_per_class": 4,
-            "sample.seeds": "0-4",
-            "sample.batch_size": 100,
-        },
-        "pretrain": {
-            "train.num_steps": 700,  # The shared pre-training: 22k images.
-            "optim.lr": 2e-3,
-            "optim.warmup_steps": 50,
-            "train.checkpoint_every": 700,
-        },
-    },
+    # to finish and large enough to learn (budget in README); one stage compiles while the other computes.
+    "tiny": {"variant": "tiny,demo", "needs_data": False, "jobs": 2, PRETRAIN: True},
     # Micro models on a tiny demo set, for the tests: every stage runs in seconds and learns nothing.
-    "micro": {
-        "variant": "tiny",
-        "data": "demo:24",  # 5 procedural texture classes x 24 images.
-        "jobs": 1,
-        "utility": {"seeds": 2, "augment_fraction": 0.25, "epochs": 1},  # Wiring only: learns nothing.
-        "expert": {
-            "num_devices": 1,            # One device (a CPU); tests emulate 8.
-            "data.image_size": 16,       # Tiny variant: 32.
-            "expert.width": 4,           # ResNet18 stem width (tiny variant: 8).
-            "expert.head_hidden": 8,
-            "train.num_epochs": 2,
-            "train.eval_every_epoch": 2,  # One validation (and best checkpoint), at the end.
-            "train.log_every": 6,
-            "train.eval_batch_size": 24,  # The whole validation split in one batch.
-        },
-        "judge2": {
-            "expert.arch": "resnet34",  # Another architecture ...
-            "seed": 1,                  # ... and seed.
-        },
-        "diffusion": {
-            "num_devices": 1,
-            "data.image_size": 8,                 # 8x8 images.
-            "model.block_out_channels": "8,16",   # Two levels (each level costs seconds of CPU compile) ...
-            "align.unet_feature": "down_1_shortcut",  # ... so the hook is the last level's shortcut.
-            "model.attention_head_dim": 1,
-            "model.cross_attention_dim": 8,
-            "model.norm_num_groups": 4,
-            "train.num_steps": 4,
-            "train.log_every": 2,
-            "train.checkpoint_every": 4,
-            "sample.steps": 4,                    # DDIM steps.
-            "sample.num_per_class": 3,
-            "sample.seeds": "0-4",
-            "sample.batch_size": 32,
-        },
-    },
+    "micro": {"variant": "tiny,micro", "needs_data": False, "jobs": 1,
+              "utility": {"seeds": 2, "augment_fraction": 0.25, "epochs": 1}},  # Wiring only.
 }
 
 # The paper's settings as config values: (config group, field, paper value, what the paper did).
@@ -433,6 +241,24 @@ class Configs:
         return self.models[BASELINE].sample
 
 
+def _variant(*parts: str | None) -> str | None:
+    return ",".join(p for p in parts if p) or None
+
+
+def _changed_fields(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``{"section.field": value}`` of ``config`` where it differs from ``base`` (same structure)."""
+    out = {}
+
+    def walk(a, b, prefix):
+        for k in a.keys():
+            if isinstance(a[k], ml_collections.ConfigDict):
+                walk(a[k], b[k], f"{prefix}{k}.")
+            elif a[k] != b[k]:
+                out[f"{prefix}{k}"] = a[k]
+    walk(config, base, "")
+    return out
+
+
 def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: str,
           cache_dir: str | None, overrides: dict[str, dict[str, Any]] | None = None,
           pretrain_workdir: str | None = None, models: tuple[str, ...] = DEFAULT_MODELS) -> Configs:
@@ -440,22 +266,22 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
 
     Args:
       preset: a key of ``PRESETS``.
-      data: the data source of every stage; None = the preset's (else the configs') default.
+      data: the data source of every stage; None = the configs' (demo for tiny and micro).
       seeds: sampling seeds for every model (e.g. ``"0-1"``); None = the preset's.
       expert_workdir: where the expert is trained (the aligned models' ``align.expert_workdir``).
       pretrain_workdir: where the shared pre-training runs (the models' ``init_from``), for a preset
-        with a ``pretrain`` group.
+        with a shared pre-training.
       cache_dir: folder of the shared decoded-data caches (``data_<size>px_<channels>ch.npz``);
         None = each run's own ``<workdir>/data_cache.npz``.
-      overrides: ``{group: {field: value}}`` applied last (the CLI's ``--GROUP.FIELD=VALUE``): ``expert`` and
-        ``judge2`` to that judge only, ``diffusion`` to every model (and the pre-training), a model's
+      overrides: ``{group: {field: value}}`` applied last (the CLI's ``--GROUP.FIELD=VALUE``): ``expert``
+        and ``judge2`` to that judge only, ``diffusion`` to every model (and the pre-training), a model's
         name to that model, ``pretrain`` to the pre-training.
       models: names of ``MODELS`` to train (the baseline first; :func:`parse_models`).
 
-    A preset with a ``pretrain`` group trains one baseline U-Net first (the ``diffusion`` fields, then
-    the ``pretrain`` ones, e.g. its length), ``OUT/runs/pretrain``; every model then starts from it
-    (``init_from``) and trains its own ``diffusion`` steps: the paper's protocol of fine-tuning both
-    models from one pretrained U-Net, with our own pre-training in place of segmind/tiny-sd's weights.
+    A preset with a shared pre-training trains one baseline U-Net first (``baseline.py:VARIANT,pretrain``:
+    the models' settings with the pre-training's length and rate), ``OUT/runs/pretrain``; every model
+    then starts from it (``init_from``) and trains its own steps: the paper's protocol of fine-tuning
+    both models from one pretrained U-Net, with our own pre-training in place of segmind/tiny-sd's weights.
 
     Raises:
       PresetError: unknown preset, field or value type.
@@ -466,27 +292,24 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
     p = PRESETS[preset]
     overrides = overrides or {}
     variant = p["variant"]
-    source = data or p["data"]
 
     def finish(c):
-        if source:
-            c.data.source = source
+        if data:
+            c.data.source = data
         if cache_dir:
             c.data.cache = f"{cache_dir}/data_{c.data.image_size}px_{c.data.channels}ch.npz"
         config_lib.validate(c)
         return c
 
-    expert = apply(config_lib.expert_config(variant), p["expert"])
-    judge2 = apply(apply(config_lib.expert_config(variant), p["expert"]), p["judge2"])
-    apply(expert, overrides.get("expert", {}))  # CLI overrides: each judge its own group.
-    apply(judge2, overrides.get("judge2", {}))
+    expert = apply(config_lib.load("expert", variant), overrides.get("expert", {}))  # Each judge its own group.
+    judge2 = apply(config_lib.load("expert", _variant(variant, "judge2")), overrides.get("judge2", {}))
     pretrain = None
-    if p.get(PRETRAIN) is not None:
+    if p.get(PRETRAIN):
         if not pretrain_workdir:
             raise PresetError(f"preset {preset!r} pre-trains a U-Net: pretrain_workdir is required")
-        pretrain = apply(config_lib.diffusion_config(variant, align=False), p["diffusion"])
-        apply(pretrain, overrides.get("diffusion", {}))
-        apply(apply(pretrain, p[PRETRAIN]), overrides.get(PRETRAIN, {}))
+        base = config_lib.load("baseline", variant)
+        own = _changed_fields(config_lib.load("baseline", _variant(variant, PRETRAIN)), base)  # Its length, rate.
+        pretrain = apply(apply(apply(base, overrides.get("diffusion", {})), own), overrides.get(PRETRAIN, {}))
     elif overrides.get(PRETRAIN):
         raise PresetError(f"--pretrain.*: preset {preset!r} has no shared pre-training")
     if not models or models[0] != BASELINE:
@@ -497,15 +320,12 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
     chosen = {}
     for name in models:
         m = MODELS[name]
-        arg = ",".join(v for v in (variant, m.variant) if v) or None
-        c = apply(config_lib.diffusion_config(arg, align=m.align), p["diffusion"])
+        c = config_lib.load(m.config, _variant(variant, m.variant))
         apply(c, overrides.get("diffusion", {}))
-        apply(c, dict(m.fields))
         apply(c, overrides.get(name, {}))
-        align = m.align
         if pretrain is not None:
             c.init_from = pretrain_workdir
-        if align:
+        if c.align.enabled:
             c.align.expert_workdir = expert_workdir
         if seeds is not None:
             c.sample.seeds = seeds
@@ -563,11 +383,16 @@ def deviations(configs: Configs) -> list[str]:
 
 
 def describe(preset: str) -> str:
-    """The preset's overrides as text (for ``--list_presets`` and the report)."""
+    """What the preset changes from the paper's settings (the config files' defaults), for ``--list_presets``."""
     p = PRESETS[preset]
-    lines = [f"{preset}: variant {p['variant']!r}, default data {p['data'] or 'configs default'}, "
-             f"{p['jobs']} stage(s) at a time"]
-    for group in ("expert", "judge2", "diffusion", PRETRAIN):
-        for k, v in (p.get(group) or {}).items():
+    variant = p["variant"]
+    lines = [f"{preset}: configs/*.py:{variant or '(defaults)'}, "
+             f"{'--data required' if p['needs_data'] else 'built-in demo data'}, {p['jobs']} stage(s) at a time"
+             + (", utility metrics" if p.get("utility") else "")]
+    groups = [("expert", "expert", variant), ("judge2", "expert", _variant(variant, "judge2")),
+              ("diffusion", "baseline", variant)] + ([(PRETRAIN, "baseline", _variant(variant, PRETRAIN))]
+                                                     if p.get(PRETRAIN) else [])
+    for group, name, arg in groups:
+        for k, v in _changed_fields(config_lib.load(name, arg), config_lib.load(name)).items():
             lines.append(f"  {group}.{k} = {_fmt(v)}")
     return "\n".join(lines)

@@ -238,22 +238,15 @@ def summarise_steps(buf: list[dict], par: Parallel, *, step: int, ckpt: checkpoi
 
 
 @contextlib.contextmanager
-def guarded_workdir(workdir: pathlib.Path, config, *, what: str, expect: dict | None = None):
+def guarded_workdir(workdir: pathlib.Path, config, *, what: str):
     """The run's hold on ``workdir``: its lock, SIGTERM's stop flag, and the config-drift check.
 
     Yields the config changes accepted on resume (with those recorded before) for ``run.json``.
-    ``expect``: fields to compare as resolved (e.g. the tiny expert's folder the run will set).
     """
     with workdir_lib.WorkdirLock(workdir, what=what), workdir_lib.install_preemption():
         changes = []
         if checkpoints.saved_steps(workdir / "checkpoints"):
-            resolved = config
-            if expect:
-                resolved = ml_collections.ConfigDict(config.to_dict())
-                for field, value in expect.items():
-                    group, key = field.rsplit(".", 1)
-                    resolved[group][key] = value
-            changes = workdir_lib.check_config_drift(workdir, resolved,
+            changes = workdir_lib.check_config_drift(workdir, config,
                                                      allow=bool(config.train.get("allow_config_change", False)))
         yield changes
 

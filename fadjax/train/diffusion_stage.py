@@ -176,23 +176,6 @@ def _text_features(config, workdir: pathlib.Path, labels: build.LabelSpace):
     return build.null_padded(feats, labels)
 
 
-def _with_tiny_expert(config, workdir: pathlib.Path):
-    """Trains the ``tiny`` expert on the run's data into ``<workdir>/expert`` and points the run at it."""
-    from fadjax.train import expert_stage
-    expert_dir = workdir / "expert"
-    e = config_lib.expert_config("tiny")
-    for key in ("source", "channels", "classes", "max_per_class", "val_fraction", "split_seed", "skip_bad_files",
-                "data_dir", "manual_dir"):
-        e.data[key] = config.data[key]
-    e.seed, e.parallel, e.num_devices = config.seed, config.parallel, config.num_devices
-    e.train.progress = config.train.progress
-    logging.info("align.expert_workdir is not set: training a tiny expert in %s first", expert_dir)
-    expert_stage.train(e, expert_dir)
-    config = config_lib.ml_collections.ConfigDict(config.to_dict())
-    config.align.expert_workdir = str(expert_dir)
-    return config
-
-
 def _models(config, labels: build.LabelSpace):
     """(pretrained U-Net params or None, the run's DiffusionModel, its U-Net's feature shapes)."""
     unet_module = unet_params = None
@@ -266,10 +249,7 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     """
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
-    expect = None
-    if config.align.enabled and not config.align.expert_workdir:  # As _with_tiny_expert will resolve it.
-        expect = {"align.expert_workdir": str(workdir / "expert")}
-    with common.guarded_workdir(workdir, config, what="training run", expect=expect) as changes:
+    with common.guarded_workdir(workdir, config, what="training run") as changes:
         return _train(config, workdir, hooks=hooks, config_changes=changes)
 
 
@@ -281,8 +261,6 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
     hooks = {**_hooks_default(), **(hooks or {})}
     workdir.mkdir(parents=True, exist_ok=True)
     common.log_topology()
-    if config.align.enabled and not config.align.expert_workdir:  # train_missing_expert (tiny demos)
-        config = _with_tiny_expert(config, workdir)
     par = common.make_parallel(config, config.train.batch_size)
 
     with phases("data"):
