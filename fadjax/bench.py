@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import importlib.metadata
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from absl import logging
 
 from fadjax import config_lib
 from fadjax import diffusion as diffusion_lib
+from fadjax import workdir as workdir_lib
 from fadjax.models import attention as attention_lib
 
 WHATS = ("train_step", "baseline_step", "sample")
@@ -92,14 +92,8 @@ def prepare_config(config, *, what: str, batch: int, dtype: str | None = None,
 def environment() -> dict[str, Any]:
     """Device, backend, library versions, date and XLA settings of this process."""
     d = jax.devices()[0]
-    versions = {}
-    for name in ("jax", "jaxlib", "flax", "optax"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     return {"device": d.device_kind, "device_name": str(d), "backend": jax.default_backend(),
-            "num_devices": jax.device_count(), **versions,
+            "num_devices": jax.device_count(), **workdir_lib.versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import pathlib
 from typing import Any, Callable
 
@@ -20,18 +19,8 @@ from absl import logging
 
 from fadjax import checkpoints
 from fadjax import diffusion as diffusion_lib
+from fadjax import workdir as workdir_lib
 from fadjax.models import build
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {path.parent} a fadjax run's workdir?")
-    return json.loads(path.read_text())
-
-
-def read_config(workdir) -> ml_collections.ConfigDict:
-    """The resolved config a run was trained with."""
-    return ml_collections.ConfigDict(_read_json(pathlib.Path(workdir) / "config.json"))
 
 
 def _checkpointer(directory: pathlib.Path, workdir):
@@ -158,8 +147,8 @@ def load_diffusion_run(workdir, *, step: int | None = None, use_ema: bool = True
       FileNotFoundError: naming the workdir when it holds no run or no checkpoint.
     """
     workdir = pathlib.Path(workdir)
-    config = read_config(workdir)
-    record = _read_json(workdir / "run.json")
+    config = workdir_lib.read_config(workdir)
+    record = workdir_lib.read_json(workdir / "run.json")
     if dtype is not None:
         config.dtype = dtype
     labels = build.LabelSpace.from_dict(record["labels"])
@@ -254,7 +243,7 @@ class ExpertRun:
         return self._load_part("train_idx")
 
     def _load_part(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        from fadjax.train import inputs
+        from fadjax.data import from_config as inputs
         ds = inputs.load_dataset(self.config, self.workdir)
         idx = np.asarray(self.split[key], np.int64)
         return ds.images[idx], ds.labels[idx].astype(np.int32)
@@ -267,8 +256,8 @@ def load_expert_run(workdir, *, dtype=jnp.float32) -> ExpertRun:
       FileNotFoundError: naming the workdir when it holds no expert run or no checkpoint.
     """
     workdir = pathlib.Path(workdir)
-    config = read_config(workdir)
-    record = _read_json(workdir / "run.json")
+    config = workdir_lib.read_config(workdir)
+    record = workdir_lib.read_json(workdir / "run.json")
     if record.get("stage") != "expert":
         raise ValueError(f"{workdir} is a {record.get('stage')!r} run, not an expert run")
     best_dir = workdir / "best"
@@ -281,7 +270,7 @@ def load_expert_run(workdir, *, dtype=jnp.float32) -> ExpertRun:
     if tree.get("batch_stats") is not None:
         variables["batch_stats"] = tree["batch_stats"]
     variables = jax.tree.map(jnp.asarray, variables)
-    raw = _read_json(workdir / "split.json")
+    raw = workdir_lib.read_json(workdir / "split.json")
     files = [None] * int(raw["num_examples"])
     for part in ("train", "val"):
         for i, f in zip(raw[part]["indices"], raw[part]["files"]):

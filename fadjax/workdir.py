@@ -9,6 +9,8 @@
 * :func:`disk_full`: an ENOSPC anywhere in an exception's chain.
 * :func:`atomic_write` / :func:`write_json`: every record of a run (JSON, caches) is written to a
   temporary file beside its target and renamed over it, so a crash never leaves half a file.
+* :func:`write_records` / :func:`read_config` / :func:`read_json`: a run's ``config.json`` and
+  ``run.json`` (with :func:`versions`), written by training and read by inference.
 
 Inference (``fadjax.sample``, ``fadjax.evaluate``) uses it too, so it imports no training code.
 Every error here is a :class:`WorkdirError` whose message is one line for the user.
@@ -22,8 +24,10 @@ import fcntl
 import json
 import os
 import pathlib
+import platform
 import signal
 import socket
+import subprocess
 import threading
 import uuid
 from typing import Any
@@ -216,7 +220,7 @@ def check_config_drift(workdir: str | os.PathLike, config, *, allow: bool = Fals
     Returns the accepted changes with the changes recorded before (``run.json``'s ``config_changes``).
     """
     workdir = pathlib.Path(workdir)
-    path = workdir / "config.json"
+    path = workdir / CONFIG_FILE
     if not path.exists():
         return []
     try:
@@ -236,7 +240,7 @@ def check_config_drift(workdir: str | os.PathLike, config, *, allow: bool = Fals
 
 def previous_changes(workdir: pathlib.Path) -> list[dict]:
     try:
-        return list(json.loads((workdir / "run.json").read_text()).get("config_changes", []))
+        return list(json.loads((workdir / RUN_FILE).read_text()).get("config_changes", []))
     except (OSError, ValueError):
         return []
 
@@ -353,3 +357,57 @@ def write_json(path: str | os.PathLike, obj, *, indent: int = 1) -> None:
     """Writes ``obj`` as JSON atomically (numpy scalars as numbers, other objects as their ``str``)."""
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=indent, default=_json_default)
+
+
+# ----------------------------------------------------------------------------- run records
+
+CONFIG_FILE = "config.json"  # The resolved config of the run.
+RUN_FILE = "run.json"  # Stage, classes, data, expert, versions, accepted config changes.
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A record of a run; a missing one raises FileNotFoundError asking whether the folder is a run."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a fadjax run's workdir?")
+    return json.loads(path.read_text())
+
+
+def read_config(workdir: str | os.PathLike):
+    """The resolved config a run was trained with (``config.json``)."""
+    import ml_collections
+    return ml_collections.ConfigDict(read_json(pathlib.Path(workdir) / CONFIG_FILE))
+
+
+def write_records(workdir: str | os.PathLike, config, record: dict) -> None:
+    """Writes ``config.json`` and ``run.json`` (process 0 only; the others share the folder)."""
+    if _process_index() != 0:
+        return
+    write_json(pathlib.Path(workdir) / CONFIG_FILE, config.to_dict(), indent=2)
+    write_json(pathlib.Path(workdir) / RUN_FILE, record, indent=2)
+
+
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "dm-pix", "numpy", "fadjax")
+
+
+def versions(*, commit: bool = False) -> dict[str, str]:
+    """Python's and the installed packages' versions (``VERSIONED``); with ``commit`` also fadjax's git commit."""
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    if commit:
+        root = pathlib.Path(__file__).resolve().parents[1]
+        try:
+            head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=10)
+            if head.returncode == 0:
+                dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True, timeout=10).stdout.strip()
+                out["fadjax_commit"] = head.stdout.strip() + (" (uncommitted changes)" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out

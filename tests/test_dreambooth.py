@@ -13,6 +13,7 @@ import pytest
 from conftest import make_tile_folder
 
 from fadjax import config_lib, evaluate, runs, sample
+from fadjax import workdir as workdir_lib
 from fadjax import train as train_lib
 from fadjax.models import build
 from fadjax.train import dreambooth
@@ -178,7 +179,7 @@ def test_dreambooth_from_pretrained_unet(tiles, pretrained_unet, tmp_path):
     assert record["dreambooth"]["start"] == {"pretrained": str(pretrained_unet)}
     assert record["labels"]["extra"] == ["sks tumor"] and record["condition_overrides"] == {"tumor": 8}
     # The prior images came from the very model fine-tuning started from (same conditioner init).
-    cfg = runs.read_config(tmp_path)
+    cfg = workdir_lib.read_config(tmp_path)
     _, start, _ = dreambooth._starting_model(cfg, tmp_path, build.LabelSpace.from_dict(record["labels"]))
     trained = runs.load_diffusion_run(tmp_path, use_ema=False).params
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), start, trained)

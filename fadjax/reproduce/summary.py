@@ -14,7 +14,6 @@ import math
 import os
 import pathlib
 import platform
-import subprocess
 
 
 from fadjax import metrics, plots
@@ -68,27 +67,6 @@ def hardware() -> dict:
     return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
             "device_count": len(devices), "process_count": jax.process_count(), "host_cpu": cpu,
             "host_cpu_count": os.cpu_count(), "platform": platform.platform()}
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "dm-pix", "numpy", "fadjax"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        root = pathlib.Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            out["fadjax_commit"] = commit.stdout.strip() + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
 
 
 def _judge_info(name: str, cfg, workdir: pathlib.Path, evaluated: dict) -> dict:
@@ -186,7 +164,7 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
         "conclusions": conclusions,
         "deviations": presets.deviations(configs),
         "hardware": hardware(),
-        "versions": versions(),
+        "versions": workdir_lib.versions(commit=True),
         "stages_wall_s": {k: v["wall_s"] for k, v in stages.items()},
         "stages_total_wall_s": round(sum(v["wall_s"] for v in stages.values()), 1),
         # End to end: the invocations that ran stages, up to the start of the report.

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -304,27 +303,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-    """Writes JSON atomically (tmp + rename), process 0 only."""
-    if distributed.is_main_process():
-        workdir_lib.write_json(path, obj, indent=2)
-
-
-def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    write_json(workdir / "config.json", config.to_dict())
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "fadjax"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 class Timer:

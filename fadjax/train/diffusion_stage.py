@@ -25,7 +25,7 @@ from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
 from fadjax.models import build
 from fadjax.train import common
-from fadjax.train import inputs
+from fadjax.data import from_config as inputs
 
 
 def _resize(x, size: int | None):
@@ -349,10 +349,9 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
 
     # Run record.
     if distributed.is_main_process():
-        common.save_config(workdir, config)
         record = {"stage": "diffusion", "labels": labels.to_dict(), "data_source": config.data.source,
                   "num_train": num_train, "steps_per_epoch": spe, "total_steps": total,
-                  "versions": common.versions(), "parameters": n_params,
+                  "versions": workdir_lib.versions(), "parameters": n_params,
                   "unet_config": model.unet.config.to_dict()}
         if expert_run is not None:
             record["expert"] = {"workdir": str(pathlib.Path(config.align.expert_workdir).absolute()),
@@ -362,7 +361,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
             record["config_changes"] = config_changes
         if hooks["run_record"] is not None:
             record = hooks["run_record"](record)
-        common.write_json(workdir / "run.json", record)
+        workdir_lib.write_records(workdir, config, record)
 
     # Everything the step reads, on the device(s).
     consts = {"text_features": text_features, "hp": step_hparams(config, steps_per_epoch=spe, total_steps=total)}

@@ -47,7 +47,7 @@ from fadjax.data import pipeline
 from fadjax.models import build
 from fadjax.train import common
 from fadjax.train import diffusion_stage
-from fadjax.train import inputs
+from fadjax.data import from_config as inputs
 
 PRIOR_FILE = "prior_images.npz"
 PRIOR_FORMAT = 1  # Version of the prior cache's settings record.
@@ -366,9 +366,9 @@ def train(config, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     source_config = source_labels = None
     if config.init_from:
-        source_config = runs.read_config(config.init_from)
+        source_config = workdir_lib.read_config(config.init_from)
         source_labels = build.LabelSpace.from_dict(
-            json.loads((pathlib.Path(config.init_from) / "run.json").read_text())["labels"])
+            workdir_lib.read_json(pathlib.Path(config.init_from) / workdir_lib.RUN_FILE)["labels"])
     config, inherited = resolve_config(config, source_config=source_config)
     db = config.dreambooth
     class_name = db.class_name

@@ -21,7 +21,7 @@ from fadjax import config_lib
 from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
 from fadjax.train import common
-from fadjax.train import inputs
+from fadjax.data import from_config as inputs
 
 
 def build_expert_module(config, num_classes: int):
@@ -195,14 +195,13 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
         logging.info("resumed from step %d (best validation accuracy so far %.4f)", start, best_acc)
 
     if distributed.is_main_process():
-        common.save_config(workdir, config)
         record = {
             "stage": "expert", "class_names": list(ds.class_names), "data_source": config.data.source,
             "expert_module": module_spec(module), "num_train": num_train, "num_val": len(val_idx),
-            "steps_per_epoch": spe, "total_steps": total, "versions": common.versions()}
+            "steps_per_epoch": spe, "total_steps": total, "versions": workdir_lib.versions()}
         if config_changes:
             record["config_changes"] = config_changes
-        common.write_json(workdir / "run.json", record)
+        workdir_lib.write_records(workdir, config, record)
 
     with phases("placement"):
         state = par.put_replicated(state)
@@ -249,7 +248,7 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
                                   {"step": step, "val_accuracy": acc, "confusion": conf.tolist(),
                                    "class_names": list(ds.class_names)}, metric=acc)
                         if distributed.is_main_process():
-                            common.write_json(workdir / "expert_eval.json", {
+                            workdir_lib.write_json(workdir / "expert_eval.json", {
                                 "step": step, "val_accuracy": acc, "num_val": int(len(val_labels)),
                                 "class_names": list(ds.class_names), "confusion": conf.tolist(),
                                 "per_class_accuracy": dict(zip(ds.class_names, (np.diag(conf) / np.maximum(conf.sum(1), 1)).tolist()))})

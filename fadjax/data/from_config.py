@@ -1,4 +1,4 @@
-"""Loads a run's dataset and its train/validation split."""
+"""A run's dataset and its train/validation split, from its config (training and inference load them alike)."""
 from __future__ import annotations
 
 import pathlib
