@@ -25,6 +25,7 @@ from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
 from fadjax.models import build
 from fadjax.train import common
+from fadjax.train import loop
 from fadjax.data import from_config as inputs
 
 
@@ -122,34 +123,23 @@ def make_train_step(loss_fn, draw, par: common.Parallel, *, schedule: str, ema_w
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def finish(state, loss, aux, grads, hp):
+    def compute(state, batch, consts):
+        (loss, aux), grads = grad_fn(state.params, consts, *batch)
+        return grads, loss, aux
+
+    def finish(state, out, consts):
+        grads, loss, aux = out
+        hp = consts["hp"]
         lr = common.learning_rate(schedule, state.step, hp["lr"])
         new, finite, grad_norm = common.apply_gradients_if_finite(
             state, grads, loss, lr=lr, ema_decay=hp.get("ema_decay"), ema_warmup=ema_warmup)
         metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32)}
         return new, metrics
 
-    if par.mode == "sharded":
-        def step(state, data, consts):
-            batch = draw(state.step, data)
-            batch = jax.lax.with_sharding_constraint(batch, par.batch_sharded)
-            (loss, aux), grads = grad_fn(state.params, consts, *batch)
-            return finish(state, loss, aux, grads, consts["hp"])
+    def localize(local, n):  # Each device's example weights sum to 1; pmean averages.
+        return local[:-1] + (local[-1] * n,)
 
-        return jax.jit(step, donate_argnums=(0,), out_shardings=(par.replicated, par.replicated))
-
-    n = par.num_devices
-
-    def pstep(state, data, consts):
-        batch = draw(state.step, data)
-        i = jax.lax.axis_index(common.DATA_AXIS)
-        local = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * (a.shape[0] // n), a.shape[0] // n), batch)
-        local = local[:-1] + (local[-1] * n,)  # Each device's weights sum to 1; pmean averages.
-        (loss, aux), grads = grad_fn(state.params, consts, *local)
-        grads, loss, aux = jax.lax.pmean((grads, loss, aux), common.DATA_AXIS)
-        return finish(state, loss, aux, grads, consts["hp"])
-
-    return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
+    return loop.data_parallel_step(par, draw=draw, compute=compute, finish=finish, localize=localize)
 
 
 def _checkpoint_tree(state: common.TrainState) -> dict:
@@ -227,22 +217,41 @@ def _load_expert(config, ds, feat_shapes: dict):
     return expert_run, e_dim, u_dim
 
 
-def _hooks_default():
-    return {"label_space": None, "train_data": None, "make_draw": None, "init_params": None, "run_record": None}
+class Task:
+    """What a diffusion run trains on: the plain stage's choices, each a method DreamBooth overrides
+    (``fadjax.train.dreambooth.DreamBoothTask``)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def label_space(self, ds) -> build.LabelSpace:
+        """The conditioning rows: the data's classes (and the null label when guidance is trained)."""
+        return build.LabelSpace(tuple(ds.class_names), has_null=self.config.cond.label_dropout > 0)
+
+    def train_data(self, ds, train_idx: np.ndarray, labels: build.LabelSpace) -> dict:
+        """The host arrays the draw reads (on the device(s)): ``{'images', 'labels'}`` of the training split."""
+        return {"images": ds.images[train_idx], "labels": ds.labels[train_idx].astype(np.int32)}
+
+    def make_draw(self, data: dict, null_label: int | None):
+        """``draw(step, data) -> (x0, y, noise, t, weights)`` of the global batch (:func:`make_draw_fn`)."""
+        return make_draw_fn(self.config, num_examples=len(data["labels"]), null_label=null_label)
+
+    def init_params(self, model, params, source_run):
+        """The parameters after ``init_from``'s were merged in (``source_run``: that run)."""
+        return params
+
+    def run_record(self, record: dict) -> dict:
+        """What ``run.json`` holds, before it is written."""
+        return record
 
 
-def train(config, workdir, *, hooks: dict | None = None) -> dict:
+def train(config, workdir, *, task: Task | None = None) -> dict:
     """Trains a diffusion model; resumes from ``workdir`` when it holds a checkpoint.
 
     Args:
       config: a diffusion config (see ``configs/baseline.py``, ``configs/feature_aligned.py``).
       workdir: the run's folder (checkpoints, logs, split, resolved config).
-      hooks: optional overrides used by DreamBooth: ``label_space(ds) -> LabelSpace``,
-        ``train_data(ds, train_idx, labels, model) -> dict of host arrays`` (the ``data`` the
-        draw reads; default ``{'images', 'labels'}`` of the training split),
-        ``make_draw(config, data, null_label) -> draw`` (see :func:`make_draw_fn`),
-        ``init_params(model, params, source_run) -> params`` (after ``init_from``),
-        ``run_record(record) -> record`` (what ``run.json`` holds, before it is written).
+      task: what the run trains on (default: :class:`Task`, the plain stage; DreamBooth gives its own).
 
     Returns:
       A summary dict (final step, last logged metrics, wall time).
@@ -250,15 +259,14 @@ def train(config, workdir, *, hooks: dict | None = None) -> dict:
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     with common.guarded_workdir(workdir, config, what="training run") as changes:
-        return _train(config, workdir, hooks=hooks, config_changes=changes)
+        return _train(config, workdir, task=task or Task(config), config_changes=changes)
 
 
-def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
+def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict:
     from fadjax import runs
 
     t_start = time.time()
     phases = common.Phases("diffusion")
-    hooks = {**_hooks_default(), **(hooks or {})}
     workdir.mkdir(parents=True, exist_ok=True)
     common.log_topology()
     par = common.make_parallel(config, config.train.batch_size)
@@ -266,8 +274,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
     with phases("data"):
         ds = inputs.load_dataset(config, workdir)
         train_idx, _ = inputs.load_split(config, workdir, ds)
-    labels = (hooks["label_space"] or (lambda ds: build.LabelSpace(
-        tuple(ds.class_names), has_null=config.cond.label_dropout > 0)))(ds)
+    labels = task.label_space(ds)
     with phases("models"):
         text_features = _text_features(config, workdir, labels)
         unet_params, model, feat_shapes = _models(config, labels)
@@ -279,10 +286,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
         expert = expert_run.module
 
     # Training data on the device(s).
-    if hooks["train_data"] is not None:
-        train_data = hooks["train_data"](ds, train_idx, labels, model)
-    else:
-        train_data = {"images": ds.images[train_idx], "labels": ds.labels[train_idx].astype(np.int32)}
+    train_data = task.train_data(ds, train_idx, labels)
     num_train = len(train_data["labels"])
     spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
     total = common.run_length(config.train, spe)
@@ -329,8 +333,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
             if config.init_from:
                 src = runs.load_diffusion_run(config.init_from, use_ema=False)
                 params = runs.merge_params(params, src.params, source_name=config.init_from)
-                if hooks["init_params"] is not None:
-                    params = hooks["init_params"](model, params, src)
+                params = task.init_params(model, params, src)
             state = jax.block_until_ready(jax.jit(make_state)(params))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("parameters: %.1fM (%s)", n_params / 1e6,
@@ -338,11 +341,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
 
     if start:
         with phases("restore"):
-            abstract = checkpoints.abstract_like(_checkpoint_tree(state), par.replicated if par.mode == "sharded"
-                                            else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-            start, tree, meta = ckpt.restore_readable(abstract, at_most=start)
-            state = state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                                  ema_params=tree["ema_params"])
+            start, state, _ = loop.restore(ckpt, state, par, start=start, to_tree=_checkpoint_tree)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     if start >= total:
         logging.info("run already complete (%d/%d steps)", start, total)
@@ -359,8 +358,7 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
                                 "val_accuracy": expert_run.val_accuracy}
         if config_changes:
             record["config_changes"] = config_changes
-        if hooks["run_record"] is not None:
-            record = hooks["run_record"](record)
+        record = task.run_record(record)
         workdir_lib.write_records(workdir, config, record)
 
     # Everything the step reads, on the device(s).
@@ -372,58 +370,18 @@ def _train(config, workdir: pathlib.Path, *, hooks, config_changes) -> dict:
         dev_data, consts = par.put_replicated((train_data, consts))
 
     loss_fn = make_loss_fn(model, config, schedule, expert)
-    if hooks["make_draw"] is not None:
-        draw = hooks["make_draw"](config, train_data, labels.null_label)
-    else:
-        draw = make_draw_fn(config, num_examples=num_train, null_label=labels.null_label)
+    draw = task.make_draw(train_data, labels.null_label)
     step_fn = make_train_step(loss_fn, draw, par, schedule=config.optim.schedule,
                               ema_warmup=bool(config.train.get("ema_warmup", False)))
 
     summary = {"workdir": str(workdir), "total_steps": total, "start_step": start, "setup_s": phases.times}
     if start < total:
-        with phases("compile"):
-            step_fn = step_fn.lower(state, dev_data, consts).compile()
-        distributed.wait_for_all_processes("diffusion_step_compiled")  # Outside "compile": a wait, not compiling.
-        summary.update(_loop(config, workdir, par, state, step_fn, (dev_data, consts),
-                             ckpt, start=start, total=total, spe=spe))
+        step_fn = loop.compile_for(step_fn, state, (dev_data, consts), phases=phases, barrier="diffusion_step_compiled")
+        summary.update(loop.run(workdir=workdir, train_cfg=config.train, par=par, state=state, step_fn=step_fn,
+                                step_args=(dev_data, consts), ckpt=ckpt, start=start, total=total,
+                                steps_per_epoch=spe, desc=f"train {workdir.name}",
+                                shown=("loss", "noise_loss", "align_loss"), to_tree=_checkpoint_tree,
+                                meta={"seed": config.seed}))
     ckpt.close()
     summary["wall_s"] = time.time() - t_start
     return summary
-
-
-def _loop(config, workdir, par, state, step_fn, step_args, ckpt, *, start, total, spe):
-    t = config.train
-    writer = common.MetricWriter(workdir, resume_step=start)
-    progress = common.Progress(total, start, desc=f"train {workdir.name}", enabled=t.progress)
-    buf: list[dict] = []
-    step = start
-    last = {}
-    timer = common.Timer()
-    try:
-        while step < total:
-            state, metrics = step_fn(state, *step_args)
-            buf.append(metrics)
-            step += 1
-            stop = workdir_lib.stop_requested()  # SIGTERM: every process saves this step and stops.
-            save_now = step % t.checkpoint_every == 0 or step == total or stop
-            if step % t.log_every == 0 or save_now:
-                last = common.summarise_steps(buf, par, step=step, ckpt=ckpt)
-                dt = timer.lap()
-                last["img_per_s"] = len(buf) * t.batch_size / dt
-                last["epoch"] = step / spe
-                writer.write(step, last)
-                progress.update(len(buf), {k: last[k] for k in ("loss", "noise_loss", "align_loss") if k in last})
-                if not progress.bar:
-                    logging.info("step %d/%d %s", step, total, {k: round(v, 5) for k, v in last.items()})
-                buf = []
-            if save_now:
-                host_state = par.unreplicate(state)
-                ckpt.save(step, _checkpoint_tree(host_state), {"step": step, "seed": config.seed, **last})
-            if stop:
-                ckpt.wait()
-                raise workdir_lib.preempted_error(step, ckpt.directory)
-    finally:
-        progress.close()
-        writer.close()
-        ckpt.wait()
-    return {"final_step": step, "last_metrics": last}

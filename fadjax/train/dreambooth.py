@@ -1,6 +1,6 @@
 """DreamBooth fine-tuning on one class (paper §V-C), with or without feature alignment.
 
-Built on the diffusion stage through its hooks; the compiled step is the same one:
+Built on the diffusion stage as a task of its own (``DreamBoothTask``); the compiled step is the same one:
 
 * **Start**: a diffusion run (``init_from``; its U-Net architecture, image size, conditioning and
   noise schedule are taken over, see ``INHERITED``) or pretrained U-Net weights (``model.pretrained``).
@@ -313,7 +313,7 @@ def prior_images(config, workdir: pathlib.Path, labels: build.LabelSpace, settin
 # ----------------------------------------------------------------------------- the batch
 
 def make_draw(config, data, null_label):
-    """``make_draw`` hook: each step's batch is ``B_inst`` instance then ``B_prior`` prior images.
+    """DreamBooth's draw: each step's batch is ``B_inst`` instance then ``B_prior`` prior images.
 
     Draws depend only on the seed and the step (as the plain stage's), so resuming is exact.
     """
@@ -348,6 +348,40 @@ def make_draw(config, data, null_label):
 
 
 # ----------------------------------------------------------------------------- train
+
+class DreamBoothTask(diffusion_stage.Task):
+    """The diffusion stage's task for DreamBooth: the instance images under the identifier's row, the
+    prior images under the plain class's, the identifier's row initialised from the class's, and the
+    ``dreambooth`` section of ``run.json``."""
+
+    def __init__(self, config, *, labels: build.LabelSpace, class_label: int, identifier_label: int,
+                 prior: np.ndarray | None, record: dict):
+        super().__init__(config)
+        self.labels, self.class_label, self.identifier_label = labels, class_label, identifier_label
+        self.prior, self.record = prior, record
+
+    def label_space(self, ds) -> build.LabelSpace:
+        return self.labels
+
+    def train_data(self, ds, train_idx, labels) -> dict:
+        idx = train_idx[ds.labels[train_idx] == self.class_label]
+        data = {"images": ds.images[idx], "labels": np.full(len(idx), self.identifier_label, np.int32)}
+        if self.prior is not None:
+            data.update(prior_images=self.prior, prior_labels=np.full(len(self.prior), self.class_label, np.int32))
+        return data
+
+    def make_draw(self, data, null_label):
+        return make_draw(self.config, data, null_label)
+
+    def init_params(self, model, params, source_run):
+        return init_params(model, params, source_run, class_name=self.record["class_name"],
+                           identifier=self.record["identifier_text"])
+
+    def run_record(self, record: dict) -> dict:
+        record["condition_overrides"] = {self.record["class_name"]: self.identifier_label}
+        record["dreambooth"] = self.record
+        return record
+
 
 def train(config, workdir) -> dict:
     """DreamBooth fine-tuning (see the module docstring); resumes from ``workdir``.
@@ -409,33 +443,19 @@ def train(config, workdir) -> dict:
         settings = prior_settings(config, class_label=k)
         prior, generated = prior_images(config, workdir, labels, settings)
 
-    def train_data_hook(ds_, train_idx_, labels_, model):
-        idx = train_idx_[ds_.labels[train_idx_] == k]
-        data = {"images": ds_.images[idx], "labels": np.full(len(idx), ident_label, np.int32)}
-        if b_prior:
-            data.update(prior_images=prior, prior_labels=np.full(len(prior), k, np.int32))
-        return data
-
-    def init_params_hook(model, params, source_run):
-        return init_params(model, params, source_run, class_name=class_name, identifier=ident)
-
-    def run_record_hook(record):
-        record["condition_overrides"] = {class_name: ident_label}
-        record["dreambooth"] = {
-            "class_name": class_name, "class_label": k, "identifier": db.identifier,
-            "identifier_text": ident, "identifier_label": ident_label,
-            "num_instance_images": int(len(instance_idx)), "instance_batch_size": int(config.train.batch_size),
-            "prior_batch_size": b_prior, "prior_weight": float(db.prior_weight),
-            "prior_images": {"file": PRIOR_FILE, **settings} if b_prior else None,
-            "start": ({"init_from": str(pathlib.Path(config.init_from).absolute())} if config.init_from
-                      else {"pretrained": config.model.pretrained}),
-            "inherited": inherited,
-        }
-        return record
-
-    summary = diffusion_stage.train(config, workdir, hooks={
-        "label_space": lambda ds_: labels, "train_data": train_data_hook, "make_draw": make_draw,
-        "init_params": init_params_hook, "run_record": run_record_hook})
+    start = ({"init_from": str(pathlib.Path(config.init_from).absolute())} if config.init_from
+             else {"pretrained": config.model.pretrained})
+    record = {
+        "class_name": class_name, "class_label": k, "identifier": db.identifier,
+        "identifier_text": ident, "identifier_label": ident_label,
+        "num_instance_images": int(len(instance_idx)), "instance_batch_size": int(config.train.batch_size),
+        "prior_batch_size": b_prior, "prior_weight": float(db.prior_weight),
+        "prior_images": {"file": PRIOR_FILE, **settings} if b_prior else None,
+        "start": start, "inherited": inherited,
+    }
+    task = DreamBoothTask(config, labels=labels, class_label=k, identifier_label=ident_label, prior=prior,
+                          record=record)
+    summary = diffusion_stage.train(config, workdir, task=task)
     summary["prior_images"] = {"path": str(workdir / PRIOR_FILE) if b_prior else None,
                                "num_images": 0 if prior is None else int(len(prior)), "generated": generated}
     return summary

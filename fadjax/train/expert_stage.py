@@ -21,6 +21,7 @@ from fadjax import config_lib
 from fadjax import workdir as workdir_lib
 from fadjax.data import pipeline
 from fadjax.train import common
+from fadjax.train import loop
 from fadjax.data import from_config as inputs
 
 
@@ -43,18 +44,19 @@ def _has_bn(variables) -> bool:
 
 
 def make_train_step(module, config, par: common.Parallel, *, num_examples: int):
-    """The compiled step ``(state, images, labels, lr_hp) -> (state, metrics)``; ``lr_hp`` are the
-    learning-rate schedule's numbers (``common.lr_hparams``), a runtime argument."""
+    """The compiled step ``(state, data, consts) -> (state, metrics)``: ``data`` the device-resident
+    ``{'images', 'labels'}`` of the training split, ``consts['lr']`` the learning-rate schedule's numbers
+    (``common.lr_hparams``, a runtime argument)."""
     B = config.train.batch_size
     root = jax.random.key(config.seed)
     data_key, step_root = jax.random.split(jax.random.fold_in(root, 7))
     d = config.data
 
-    def draw(step, images, labels):
+    def draw(step, data):
         idx = pipeline.batch_indices(data_key, step, num_examples=num_examples, batch_size=B)
-        x = pipeline.augment(jax.random.fold_in(step_root, step), pipeline.to_float(images[idx]),
+        x = pipeline.augment(jax.random.fold_in(step_root, step), pipeline.to_float(data["images"][idx]),
                              hflip=d.hflip, vflip=d.vflip)
-        return x, labels[idx]
+        return x, data["labels"][idx]
 
     def loss_fn(params, batch_stats, x, y):
         variables = {"params": params}
@@ -72,32 +74,20 @@ def make_train_step(module, config, par: common.Parallel, *, num_examples: int):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def finish(state, loss, acc, grads, new_stats, lr_hp):
-        lr = common.learning_rate(config.optim.schedule, state.step, lr_hp)
+    def compute(state, batch, consts):
+        # Under pmap the BatchNorm statistics are per device (like PyTorch DDP without SyncBN), averaged
+        # after the step with the gradients.
+        (loss, (stats, acc)), grads = grad_fn(state.params, state.batch_stats, *batch)
+        return loss, acc, grads, stats
+
+    def finish(state, out, consts):
+        loss, acc, grads, new_stats = out
+        lr = common.learning_rate(config.optim.schedule, state.step, consts["lr"])
         new, finite, gnorm = common.apply_gradients_if_finite(state, grads, loss, lr=lr, batch_stats=new_stats)
         return new, {"loss": loss, "train_accuracy": acc, "grad_norm": gnorm, "lr": lr,
                      "finite": finite.astype(jnp.float32)}
 
-    if par.mode == "sharded":
-        def step(state, images, labels, lr_hp):
-            x, y = jax.lax.with_sharding_constraint(draw(state.step, images, labels), par.batch_sharded)
-            (loss, (stats, acc)), grads = grad_fn(state.params, state.batch_stats, x, y)
-            return finish(state, loss, acc, grads, stats, lr_hp)
-
-        return jax.jit(step, donate_argnums=(0,), out_shardings=(par.replicated, par.replicated))
-
-    n = par.num_devices
-
-    def pstep(state, images, labels, lr_hp):
-        x, y = draw(state.step, images, labels)
-        i = jax.lax.axis_index(common.DATA_AXIS)
-        x, y = (jax.lax.dynamic_slice_in_dim(a, i * (B // n), B // n) for a in (x, y))
-        (loss, (stats, acc)), grads = grad_fn(state.params, state.batch_stats, x, y)
-        # Per-device BatchNorm statistics (like PyTorch DDP without SyncBN), averaged after the step.
-        grads, loss, acc, stats = jax.lax.pmean((grads, loss, acc, stats), common.DATA_AXIS)
-        return finish(state, loss, acc, grads, stats, lr_hp)
-
-    return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
+    return loop.data_parallel_step(par, draw=draw, compute=compute, finish=finish)
 
 
 def make_predict(module):
@@ -182,10 +172,7 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     best_acc = -1.0
     if start:
         with phases("restore"):
-            start, tree, _ = ckpt.restore_readable(checkpoints.abstract_like(
-                _tree(state), jax.sharding.SingleDeviceSharding(jax.local_devices()[0])), at_most=start)
-            state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                                  opt_state=tree["opt_state"])
+            start, state, _ = loop.restore(ckpt, state, par, start=start, to_tree=_tree)
         if best.best_step() is not None:
             try:  # A damaged best checkpoint is moved aside; the next better one replaces it.
                 found = best.restore_readable(at_most=best.best_step())
@@ -205,68 +192,47 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
 
     with phases("placement"):
         state = par.put_replicated(state)
-        dev_images, dev_labels, lr_hp = par.put_replicated((
-            ds.images[train_idx], ds.labels[train_idx].astype(np.int32),
-            common.lr_hparams(config.optim, steps_per_epoch=spe, total_steps=total)))
+        step_args = par.put_replicated((
+            {"images": ds.images[train_idx], "labels": ds.labels[train_idx].astype(np.int32)},
+            {"lr": common.lr_hparams(config.optim, steps_per_epoch=spe, total_steps=total)}))
     step_fn = make_train_step(module, config, par, num_examples=num_train)
     predict = make_predict(module)
     val_images, val_labels = ds.images[val_idx], ds.labels[val_idx].astype(np.int64)
 
-    t = config.train
-    writer = common.MetricWriter(workdir, resume_step=start)
-    progress = common.Progress(total, start, desc=f"expert {workdir.name}", enabled=t.progress)
-    step, buf, last = start, [], {}
-    eval_every = max(1, int(t.eval_every_epoch)) * spe
-    timer = common.Timer()
-    if start < total:
-        with phases("compile"):
-            step_fn = step_fn.lower(state, dev_images, dev_labels, lr_hp).compile()
-        distributed.wait_for_all_processes("expert_step_compiled")  # Outside "compile": a wait, not compiling.
+    def validate(step, state) -> dict:
+        """Validation accuracy; a new best is saved in ``best/`` with its confusion matrix and figure."""
+        nonlocal best_acc
+        host = par.unreplicate(state)
+        variables = {"params": host.params}
+        if host.batch_stats is not None:
+            variables["batch_stats"] = host.batch_stats
+        acc, conf = evaluate(predict, variables, val_images, val_labels, K, config.train.eval_batch_size)
+        if acc > best_acc:
+            best_acc = acc
+            best.save(step, {"params": host.params, "batch_stats": host.batch_stats},
+                      {"step": step, "val_accuracy": acc, "confusion": conf.tolist(),
+                       "class_names": list(ds.class_names)}, metric=acc)
+            if distributed.is_main_process():
+                workdir_lib.write_json(workdir / "expert_eval.json", {
+                    "step": step, "val_accuracy": acc, "num_val": int(len(val_labels)),
+                    "class_names": list(ds.class_names), "confusion": conf.tolist(),
+                    "per_class_accuracy": dict(zip(ds.class_names, (np.diag(conf) / np.maximum(conf.sum(1), 1)).tolist()))})
+                plots.confusion(conf, ds.class_names, ds.class_names, workdir / "confusion.png",
+                                title=f"Expert validation confusion (step {step}, acc {acc:.3f})")
+        logging.info("step %d: validation accuracy %.4f (best %.4f)", step, acc, best_acc)
+        return {"val_accuracy": acc}
+
+    step, last = start, {}
     try:
-        while step < total:
-            state, m = step_fn(state, dev_images, dev_labels, lr_hp)
-            buf.append(m)
-            step += 1
-            stop = workdir_lib.stop_requested()  # SIGTERM: every process saves this step and stops.
-            do_eval = step % eval_every == 0 or step == total
-            save_now = step % t.checkpoint_every == 0 or do_eval or stop
-            if step % t.log_every == 0 or save_now:
-                last = common.summarise_steps(buf, par, step=step, ckpt=ckpt)
-                last["img_per_s"] = len(buf) * t.batch_size / timer.lap()
-                last["epoch"] = step / spe
-                logged, buf = len(buf), []
-                if do_eval:
-                    host = par.unreplicate(state)
-                    variables = {"params": host.params}
-                    if host.batch_stats is not None:
-                        variables["batch_stats"] = host.batch_stats
-                    acc, conf = evaluate(predict, variables, val_images, val_labels, K, t.eval_batch_size)
-                    last["val_accuracy"] = acc
-                    if acc > best_acc:
-                        best_acc = acc
-                        best.save(step, {"params": host.params, "batch_stats": host.batch_stats},
-                                  {"step": step, "val_accuracy": acc, "confusion": conf.tolist(),
-                                   "class_names": list(ds.class_names)}, metric=acc)
-                        if distributed.is_main_process():
-                            workdir_lib.write_json(workdir / "expert_eval.json", {
-                                "step": step, "val_accuracy": acc, "num_val": int(len(val_labels)),
-                                "class_names": list(ds.class_names), "confusion": conf.tolist(),
-                                "per_class_accuracy": dict(zip(ds.class_names, (np.diag(conf) / np.maximum(conf.sum(1), 1)).tolist()))})
-                            plots.confusion(conf, ds.class_names, ds.class_names, workdir / "confusion.png",
-                                            title=f"Expert validation confusion (step {step}, acc {acc:.3f})")
-                    logging.info("step %d: validation accuracy %.4f (best %.4f)", step, acc, best_acc)
-                writer.write(step, last)
-                progress.update(logged, {k: last[k] for k in ("loss", "train_accuracy", "val_accuracy") if k in last})
-                if not progress.bar:
-                    logging.info("step %d/%d %s", step, total, {k: round(v, 5) for k, v in last.items()})
-            if save_now:
-                ckpt.save(step, _tree(par.unreplicate(state)), {"step": step, **last})
-            if stop:
-                ckpt.wait()
-                raise workdir_lib.preempted_error(step, ckpt.directory)
+        if start < total:
+            step_fn = loop.compile_for(step_fn, state, step_args, phases=phases, barrier="expert_step_compiled")
+            out = loop.run(workdir=workdir, train_cfg=config.train, par=par, state=state, step_fn=step_fn,
+                           step_args=step_args, ckpt=ckpt, start=start, total=total, steps_per_epoch=spe,
+                           desc=f"expert {workdir.name}", shown=("loss", "train_accuracy", "val_accuracy"),
+                           to_tree=_tree, eval_every=max(1, int(config.train.eval_every_epoch)) * spe,
+                           evaluate=validate)
+            step, last = out["final_step"], out["last_metrics"]
     finally:
-        progress.close()
-        writer.close()
         ckpt.close()
         best.close()
     return {"workdir": str(workdir), "final_step": step, "best_val_accuracy": best_acc,
