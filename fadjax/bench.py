@@ -269,7 +269,8 @@ def _make_step(config, model, expert, labels, *, num_examples: int):
     spe = pipeline.steps_per_epoch(num_examples, batch)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
     loss_fn = diffusion_stage.make_loss_fn(model, config, schedule, expert)
-    draw = diffusion_stage.make_draw_fn(config, num_examples=num_examples, null_label=labels.null_label)
+    draw = diffusion_stage.make_draw_fn(config, [pipeline.Source("train", num_examples, batch)],
+                                        null_label=labels.null_label)
     step_fn = diffusion_stage.make_train_step(loss_fn, draw, common.make_parallel(config, batch),
                                               schedule=config.optim.schedule,
                                               ema_warmup=bool(config.train.get("ema_warmup", False)))

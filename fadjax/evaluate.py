@@ -46,6 +46,7 @@ from fadjax import cli
 from fadjax import metrics, plots
 from fadjax import workdir as workdir_lib
 from fadjax.data import images as data_images
+from fadjax.data import pipeline
 from fadjax.sample import MANIFEST
 
 REAL_EXAMPLES = "real_examples.npz"
@@ -94,14 +95,8 @@ def classify(expert, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Expert predictions for uint8 ``[N,H,W,C]`` images, in fixed-size (padded) batches."""
     fn = jax.jit(expert.classify_fn)
     images = data_images.match_channels(images, expert.channels)
-    preds = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-        logits = fn(x.astype(np.float32) / 255.0)
-        preds.append(np.asarray(np.argmax(logits, axis=-1))[:len(chunk)])
-    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    return pipeline.batched(lambda x: np.argmax(fn(x.astype(np.float32) / 255.0), axis=-1), images,
+                            batch_size).astype(np.int64)
 
 
 def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from fadjax import cli
 from fadjax import diffusion as diffusion_lib
 from fadjax import sampling
+from fadjax.data import pipeline
 from fadjax import workdir as workdir_lib
 from fadjax.config_lib import parse_names, parse_seeds
 
@@ -195,10 +196,9 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
     # Several processes (jax.distributed) share the batches round-robin; every image depends only
     # on its (seed, class, index), so the split never changes a picture.
     pid, nproc = jax.process_index(), jax.process_count()
-    starts = list(range(0, len(draws), batch_size))[pid::nproc]
-    for start in tqdm(starts, disable=not progress or pid != 0, desc="batches", unit="batch"):
-        chunk = draws[start:start + batch_size]
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # Fixed shape: one compilation.
+    batches = list(pipeline.fixed_batches(draws, batch_size))[pid::nproc]
+    for padded, n in tqdm(batches, disable=not progress or pid != 0, desc="batches", unit="batch"):
+        chunk = padded[:n]
         x = sampling.sample(
             eps_fn, run.params, run.schedule, [run.condition_labels[c] for _, c, _ in padded],
             shape=shape, seed=[s for s, _, _ in padded],

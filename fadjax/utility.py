@@ -48,6 +48,7 @@ from absl import logging
 
 from fadjax import metrics
 from fadjax.data import images as data_images
+from fadjax.data import pipeline
 
 KEYS = ("tstr_accuracy", "trtr_accuracy", "augment_gain", "fd_judge2", "precision", "recall", "real_vs_real")
 
@@ -186,15 +187,10 @@ def pooled_features(expert_run, images: np.ndarray, *, batch_size: int = 128) ->
     """
     fn = _feature_fn(expert_run.module, int(expert_run.image_size))
     images = data_images.match_channels(np.asarray(images), int(expert_run.channels))
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-        out.append(np.asarray(fn(expert_run.variables, x.astype(np.float32) / 255.0), np.float64)[:len(chunk)])
-    if not out:
+    if not len(images):
         raise ValueError("pooled_features: no images")
-    return np.concatenate(out)
+    return pipeline.batched(lambda x: fn(expert_run.variables, x.astype(np.float32) / 255.0), images,
+                            batch_size).astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -379,13 +375,7 @@ def predict(classifier: dict, images: np.ndarray, *, batch_size: int = 256) -> n
     spec = classifier["spec"]
     _, _, _, fn = _programs(spec, classifier["num_classes"])
     images = data_images.match_channels(np.asarray(images), spec.channels)
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-        out.append(np.asarray(fn(classifier["variables"], x))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    return pipeline.batched(lambda x: fn(classifier["variables"], x), images, batch_size).astype(np.int64)
 
 
 def accuracy(classifier: dict, images: np.ndarray, labels: np.ndarray) -> float:

@@ -17,6 +17,7 @@ from fadjax import data
 from fadjax.data import cache as cache_lib
 from fadjax.data import demo
 from fadjax.data import images as images_lib
+from fadjax.data import pipeline
 from fadjax.data import sources
 from fadjax.workdir import atomic_write
 
@@ -322,44 +323,42 @@ def test_augment_flips_per_example():
     np.testing.assert_array_equal(data.augment(jax.random.key(1), x, hflip=False, vflip=False), x)
 
 
-def test_host_batches_shards_disjoint_and_global():
+def test_draws_depend_on_seed_and_step_only_and_sources_concatenate():
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
     labels = np.arange(40, dtype=np.int32) % 4
-    indices = np.arange(0, 40, 2)  # a 'training split' of 20
-    key = jax.random.key(5)
-    streams = [data.HostBatches((images, labels), indices, batch_size=8, key=key,
-                                process_index=p, process_count=4, start_step=3) for p in range(4)]
-    for step in range(3, 6):
-        shards = [next(s) for s in streams]
-        xs = np.concatenate([x for x, _ in shards])[:, 0, 0, 0]
-        expected = indices[np.asarray(data.batch_indices(key, step, num_examples=20, batch_size=8))]
-        np.testing.assert_array_equal(xs, expected)
-        assert len(set(xs.tolist())) == 8 and all(x.shape == (2, 1, 1, 1) for x, _ in shards)
-        np.testing.assert_array_equal(np.concatenate([y for _, y in shards]), labels[expected])
-    with pytest.raises(ValueError, match="not divisible"):
-        data.HostBatches((images, labels), batch_size=6, seed=0, process_count=4)
+    prior = np.full((6, 1, 1, 1), 200, np.uint8)
+    dev = {"images": jnp.asarray(images), "labels": jnp.asarray(labels),
+           "prior_images": jnp.asarray(prior), "prior_labels": jnp.full((6,), 9, jnp.int32)}
+    one = [pipeline.Source("train", 40, 8)]
+    two = [pipeline.Source("train", 40, 8), pipeline.Source("prior", 6, 2, images="prior_images",
+                                                              labels="prior_labels", weight=0.5)]
+    keys = pipeline.RunKeys(3)
+    x1, y1, w1 = pipeline.draw_examples(keys, 5, dev, one, hflip=False, vflip=False)
+    x2, y2, w2 = pipeline.draw_examples(pipeline.RunKeys(3), jnp.int32(5), dev, two, hflip=False, vflip=False)
+    idx = np.asarray(pipeline.batch_indices(keys.order("train"), 5, num_examples=40, batch_size=8))
+    np.testing.assert_array_equal(np.rint(np.asarray(x1)[:, 0, 0, 0] * 255), idx)  # The seed and step fix the batch.
+    np.testing.assert_array_equal(np.asarray(y1), labels[idx])
+    np.testing.assert_array_equal(np.asarray(x2)[:8], np.asarray(x1))  # Adding a source leaves the first's draws.
+    assert np.asarray(y2)[8:].tolist() == [9, 9] and np.allclose(np.asarray(x2)[8:], 200 / 255)
+    np.testing.assert_allclose(np.asarray(w1), np.full(8, 1 / 8))
+    np.testing.assert_allclose(np.asarray(w2), [1 / 8] * 8 + [0.25, 0.25])
+    other = pipeline.draw_examples(pipeline.RunKeys(4), 5, dev, one, hflip=False, vflip=False)[0]
+    assert not np.array_equal(np.asarray(other), np.asarray(x1))  # Another seed: another batch.
 
 
-def test_device_data_get_batch_in_jit():
-    ds = data.load("demo:4", image_size=8, channels=1, progress=False)
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    device_data = data.DeviceData(ds.images, ds.labels, sharding=replicated)
-    assert device_data.images.sharding.is_fully_replicated
-    key = jax.random.key(2)
+def test_fixed_batches_pad_the_last_batch_and_batched_keeps_the_real_rows():
+    batches = list(pipeline.fixed_batches(np.arange(7), 3))
+    assert [(b.tolist(), n) for b, n in batches] == [([0, 1, 2], 3), ([3, 4, 5], 3), ([6, 6, 6], 1)]
+    assert list(pipeline.fixed_batches(["a", "b"], 3)) == [(["a", "b", "b"], 2)]
+    shapes = []
 
-    @jax.jit
-    def step_fn(dd, step):
-        return dd.get_batch(key, step, 8), dd.get_batch(key, step, 8, augment=True)
+    def fn(x):
+        shapes.append(x.shape)
+        return x * 2
 
-    (x, y), (xa, ya) = step_fn(device_data, jnp.int32(1))
-    idx = np.asarray(data.batch_indices(key, 1, num_examples=20, batch_size=8))
-    assert x.shape == (8, 8, 8, 1) and x.dtype == jnp.float32 and y.dtype == jnp.int32
-    np.testing.assert_allclose(np.asarray(x), ds.images[idx] / 255.0, rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(y), ds.labels[idx])
-    np.testing.assert_array_equal(np.asarray(ya), ds.labels[idx])
-    host = data.HostBatches(ds, batch_size=8, key=key, start_step=1)
-    np.testing.assert_array_equal(next(host)[0], ds.images[idx])
+    np.testing.assert_array_equal(pipeline.batched(fn, np.arange(7), 3), np.arange(7) * 2)
+    assert set(shapes) == {(3,)}  # One shape: one compiled program.
+    assert pipeline.batched(fn, np.zeros((0,)), 3).shape == (0,)
 
 
 # ---------------------------------------------------------------- demo and TFDS

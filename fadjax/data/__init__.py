@@ -7,8 +7,8 @@
 `python -m fadjax.data --source ...` scans a source and reports what it found (see
 `fadjax/data/__main__.py`).
 
-The batching names (`DeviceData`, `HostBatches`, `augment`, `batch_indices`, `steps_per_epoch`,
-`to_float`, from `fadjax.data.pipeline`) are imported on first use, so that the data tools and
+The batching names (`augment`, `batch_indices`, `steps_per_epoch`, `to_float`, from
+`fadjax.data.pipeline`) are imported on first use, so that the data tools and
 the CLI do not pay for importing JAX.
 """
 import importlib
@@ -20,12 +20,12 @@ from fadjax.data.sources import ScanReport, parse_source
 from fadjax.data.splits import load_split, save_split, split
 
 __all__ = [
-    "BadFilesError", "CacheMismatch", "DataError", "Dataset", "DeviceData", "HostBatches",
+    "BadFilesError", "CacheMismatch", "DataError", "Dataset",
     "ScanReport", "augment", "batch_indices", "load", "load_split", "parse_source", "save_split",
     "split", "steps_per_epoch", "to_float",
 ]
 
-_PIPELINE = ("DeviceData", "HostBatches", "augment", "batch_indices", "steps_per_epoch", "to_float")
+_PIPELINE = ("augment", "batch_indices", "steps_per_epoch", "to_float")
 
 
 def __getattr__(name):

@@ -1,26 +1,25 @@
-"""Batching for the trainer: global batch indices, flips, a device-resident and a streaming path.
+"""Every batch fadjax makes: the training steps' draws and the fixed-size batches of inference.
 
-Batch composition is a pure function of `(key, step)`: `batch_indices` permutes the examples
-once per epoch (`fold_in(key, epoch)`) and slices out the step's batch, dropping the remainder.
-Indices are global, so the batches are the same whatever the device or process count:
+Training (inside the compiled step): the uint8 images stay on the device(s) (Kather at 64x64 is
+19 MB) and each step gathers its batch there. Batch composition is a pure function of the run's
+seed and the step (:class:`RunKeys`): `batch_indices` permutes a source's examples once per epoch
+(`fold_in(key, epoch)`) and slices out the step's batch, dropping the remainder; indices are
+global, so the batches are the same whatever the device or process count; `draw_examples`
+concatenates the step's examples of one or more :class:`Source`s (DreamBooth: instance and prior
+images) and flips them.
 
-- `DeviceData` keeps the uint8 arrays on device (replicated) and gathers each batch inside the
-  compiled train step (`get_batch`), for datasets that fit in device memory (Kather at 64x64
-  is 19 MB).
-- `HostBatches` streams numpy batches from host memory; each process gets its contiguous
-  shard of the same global batch.
+Inference (judging, features, sampling): `fixed_batches` / `batched` cut inputs into batches of
+one size (the last padded), so one compiled program serves every batch.
 """
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+import zlib
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
-
-from fadjax.data.dataset import Dataset
-
-# Folded into the data key to derive the augmentation stream, so that flips never reuse a
-# permutation key (those are fold_in(key, epoch) with epoch far below this).
-_AUGMENT_STREAM = 0x61756721
+import numpy as np
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -86,143 +85,76 @@ def augment(key: jax.Array, x: jax.Array, *, hflip: bool = True, vflip: bool = T
     return x
 
 
-# `DeviceData.get_batch`'s `augment` argument shadows the function's name there.
-_flips = augment
-
-
 def to_float(images) -> jax.Array:
     """uint8 images -> float32 in [0, 1] (the model boundary)."""
     return jnp.asarray(images, jnp.float32) / 255.0
 
 
-@jax.tree_util.register_pytree_node_class
-class DeviceData:
-    """A dataset's uint8 images and labels held on device, batched inside compiled code.
+class RunKeys:
+    """Every random draw of a run's batches, from its one seed (``config.seed``).
 
-    A pytree: pass it as an argument of the jitted train step (not a closure constant) and call
-    `get_batch` there.
-
-    Attributes:
-      images: uint8 `[N, H, W, C]` on device.
-      labels: int32 `[N]` on device.
+    ``order(name)``: the fixed key of a source's example order (``batch_indices``); ``step(step,
+    name)``: the key of one kind of draw at one step ("aug", "noise", "t", "drop"). Both fold a
+    stable number of the name into one of two roots, so adding a source or a kind of draw leaves
+    the others unchanged, and a step's draws depend only on the seed and the step (a resumed run
+    continues exactly).
     """
 
-    def __init__(self, images, labels, sharding: jax.sharding.Sharding | None = None):
-        """Puts the arrays on device.
+    def __init__(self, seed: int):
+        self._order_root, self._step_root = jax.random.split(jax.random.key(int(seed)))
 
-        Args:
-          images: uint8 `[N, H, W, C]` (numpy or jax).
-          labels: int `[N]`.
-          sharding: where to put them, e.g. `NamedSharding(mesh, P())` to replicate over a
-            mesh; the default device when None.
-        """
-        images, labels = np.asarray(images), np.asarray(labels)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
-        if labels.shape != images.shape[:1]:
-            raise ValueError(f"labels must be [{images.shape[0]}], got {labels.shape}")
-        self.images = jax.device_put(images, sharding)
-        self.labels = jax.device_put(labels.astype(np.int32), sharding)
+    @staticmethod
+    def _number(name: str) -> int:
+        return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
-    def tree_flatten(self):
-        return (self.images, self.labels), None
+    def order(self, name: str) -> jax.Array:
+        return jax.random.fold_in(self._order_root, self._number(name))
 
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        data = object.__new__(cls)
-        data.images, data.labels = children
-        return data
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def get_batch(self, key: jax.Array, step, batch_size: int, *, augment: bool = False,
-                  hflip: bool = True, vflip: bool = True) -> tuple[jax.Array, jax.Array]:
-        """The step's batch; jittable.
-
-        Args:
-          key: the data key (the same at every step): the batch is
-            `batch_indices(key, step, ...)`, and flips use
-            `fold_in(fold_in(key, _AUGMENT_STREAM), step)`.
-          step: the global step (may be traced).
-          batch_size: global batch size (static).
-          augment: apply random flips.
-          hflip: with `augment`, flip left-right.
-          vflip: with `augment`, flip top-bottom.
-
-        Returns:
-          `(x float32 [B, H, W, C] in [0, 1], y int32 [B])`.
-        """
-        idx = batch_indices(key, step, num_examples=len(self), batch_size=batch_size)  # [B]
-        x = to_float(jnp.take(self.images, idx, axis=0))  # [B, H, W, C]
-        y = jnp.take(self.labels, idx, axis=0)  # [B]
-        if augment:
-            aug_key = jax.random.fold_in(jax.random.fold_in(key, _AUGMENT_STREAM), step)
-            x = _flips(aug_key, x, hflip=hflip, vflip=vflip)
-        return x, y
+    def step(self, step, name: str) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(self._step_root, step), self._number(name))
 
 
-_batch_indices_jit = jax.jit(batch_indices, static_argnames=("num_examples", "batch_size"))
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Examples a step draws from: ``data[images]``/``data[labels]`` (device-resident), ``batch_size`` of
+    its ``num_examples`` per step, in the order of ``RunKeys.order(name)``; ``weight`` is the share of
+    the loss its examples carry in all (each example ``weight / batch_size``)."""
+
+    name: str
+    num_examples: int
+    batch_size: int
+    images: str = "images"
+    labels: str = "labels"
+    weight: float = 1.0
 
 
-class HostBatches:
-    """Streams a process's shard of each global batch from host memory.
+def draw_examples(keys: RunKeys, step, data: dict, sources: Sequence[Source], *, hflip: bool, vflip: bool):
+    """The step's global batch: ``(x float32 [B,H,W,C] in [0, 1], flipped; labels int32 [B]; weights [B])``,
+    the sources' examples one after the other (``B`` = the sum of their batch sizes); jittable."""
+    xs, ys = [], []
+    for s in sources:
+        idx = batch_indices(keys.order(s.name), step, num_examples=s.num_examples, batch_size=s.batch_size)
+        xs.append(data[s.images][idx])
+        ys.append(data[s.labels][idx])
+    x = augment(keys.step(step, "aug"), to_float(jnp.concatenate(xs)), hflip=hflip, vflip=vflip)
+    weights = np.concatenate([np.full(s.batch_size, s.weight / s.batch_size) for s in sources]).astype(np.float32)
+    return x, jnp.concatenate(ys), jnp.asarray(weights)
 
-    Step `s` takes the global batch `indices[batch_indices(key, s, num_examples=len(indices),
-    batch_size=batch_size)]` (the same composition as `DeviceData.get_batch` on
-    `images[indices]`), and process `p` of `P` receives its contiguous slice
-    `[p * B/P, (p + 1) * B/P)`, so no two processes see the same example in a step.
 
-    Iterating yields `(x uint8 [B/P, H, W, C], y int32 [B/P])` numpy arrays for steps
-    `start_step, start_step + 1, ...` without end; `step` is the next step to be yielded.
-    """
+def fixed_batches(items, batch_size: int):
+    """``(batch, n)`` over ``items`` (an array or a list) in order: every batch exactly ``batch_size`` long
+    (the last padded by repeating its last item; ``n`` of it are real), so one compiled shape serves all."""
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        n, pad = len(chunk), batch_size - len(chunk)
+        if pad:
+            chunk = (np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if isinstance(chunk, np.ndarray)
+                     else list(chunk) + [chunk[-1]] * pad)
+        yield chunk, n
 
-    def __init__(self, data: Dataset | tuple[np.ndarray, np.ndarray], indices=None, *,
-                 batch_size: int, key: jax.Array | None = None, seed: int | None = None,
-                 process_index: int = 0, process_count: int = 1, start_step: int = 0):
-        """Sets up the stream.
 
-        Args:
-          data: a `Dataset`, or `(images uint8 [N, H, W, C], labels [N])`.
-          indices: the examples to draw from (e.g. the training split); all when None.
-          batch_size: the global batch size.
-          key: the data-order key; give exactly one of `key` and `seed`.
-          seed: makes the key as `jax.random.key(seed)`.
-          process_index: this process (`jax.process_index()`).
-          process_count: number of processes (`jax.process_count()`).
-          start_step: first step to yield (resuming).
-        """
-        images, labels = (data.images, data.labels) if isinstance(data, Dataset) else data
-        self.images, self.labels = np.asarray(images), np.asarray(labels, np.int32)
-        if self.labels.shape != self.images.shape[:1]:
-            raise ValueError(f"labels {self.labels.shape} do not match images {self.images.shape}")
-        self.indices = (np.arange(len(self.labels)) if indices is None
-                        else np.asarray(indices, np.int64))
-        if (key is None) == (seed is None):
-            raise ValueError("give exactly one of key and seed")
-        self.key = jax.random.key(seed) if key is None else key
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if batch_size % process_count:
-            raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
-        steps_per_epoch(len(self.indices), batch_size)  # Validates batch_size.
-        self.batch_size = batch_size
-        self.local_batch_size = batch_size // process_count
-        self.process_index = process_index
-        self.step = start_step
-
-    def global_indices(self, step: int) -> np.ndarray:
-        """Dataset indices of the whole global batch of `step`, int64 `[batch_size]`."""
-        positions = _batch_indices_jit(self.key, np.int32(step), num_examples=len(self.indices),
-                                       batch_size=self.batch_size)
-        return self.indices[np.asarray(positions)]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        start = self.process_index * self.local_batch_size
-        local = self.global_indices(self.step)[start:start + self.local_batch_size]
-        self.step += 1
-        return self.images[local], self.labels[local]
+def batched(fn, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``fn`` (a compiled function of one fixed-size batch) over ``images`` in :func:`fixed_batches`; the
+    real rows of its outputs, concatenated (empty input: an empty array)."""
+    out = [np.asarray(fn(chunk))[:n] for chunk, n in fixed_batches(np.asarray(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,))

@@ -73,32 +73,30 @@ def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Sc
     return loss_fn
 
 
-def make_draw_fn(config, *, num_examples: int, null_label: int | None):
+def make_draw_fn(config, sources, *, null_label: int | None):
     """``draw(step, data) -> (x0, y, noise, t, weights)`` of the GLOBAL batch of a step.
 
-    ``data`` is ``{'images': uint8 [N,H,W,C], 'labels': int32 [N]}`` on the device(s).
+    ``data`` holds the device-resident arrays the ``sources`` (``pipeline.Source``) name, e.g.
+    ``{'images': uint8 [N,H,W,C], 'labels': int32 [N]}`` of the training split; ``weights`` weigh each
+    example's noise MSE (``Source.weight / batch_size`` each).
 
-    Every random draw has the global batch shape and depends only on the seed and the step,
-    so one device, eight devices, pmap and sharded all see the same batch, and a resumed run
-    continues exactly like an uninterrupted one.
+    Every random draw has the global batch shape and depends only on the seed and the step
+    (``pipeline.RunKeys``), so one device, eight devices, pmap and sharded all see the same batch,
+    and a resumed run continues exactly like an uninterrupted one.
     """
-    B = config.train.batch_size
-    d = config.data
     max_t = int(config.diffusion.max_train_timestep)
     p_drop = float(config.cond.label_dropout)
-    root = jax.random.key(config.seed)
-    data_key, step_root = jax.random.split(root)
+    keys = pipeline.RunKeys(config.seed)
 
     def draw(step, data):
-        k_noise, k_t, k_aug, k_drop = jax.random.split(jax.random.fold_in(step_root, step), 4)
-        idx = pipeline.batch_indices(data_key, step, num_examples=num_examples, batch_size=B)
-        x0 = pipeline.augment(k_aug, pipeline.to_float(data["images"][idx]), hflip=d.hflip, vflip=d.vflip)
-        y = data["labels"][idx]
+        x0, y, weights = pipeline.draw_examples(keys, step, data, sources, hflip=config.data.hflip,
+                                                vflip=config.data.vflip)
+        b = x0.shape[0]
         if null_label is not None and p_drop > 0:
-            y = jnp.where(jax.random.bernoulli(k_drop, p_drop, (B,)), null_label, y)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        t = jax.random.randint(k_t, (B,), 0, max_t)
-        return x0, y, noise, t, jnp.full((B,), 1.0 / B, jnp.float32)
+            y = jnp.where(jax.random.bernoulli(keys.step(step, "drop"), p_drop, (b,)), null_label, y)
+        noise = jax.random.normal(keys.step(step, "noise"), x0.shape, jnp.float32)
+        t = jax.random.randint(keys.step(step, "t"), (b,), 0, max_t)
+        return x0, y, noise, t, weights
 
     return draw
 
@@ -234,7 +232,8 @@ class Task:
 
     def make_draw(self, data: dict, null_label: int | None):
         """``draw(step, data) -> (x0, y, noise, t, weights)`` of the global batch (:func:`make_draw_fn`)."""
-        return make_draw_fn(self.config, num_examples=len(data["labels"]), null_label=null_label)
+        sources = [pipeline.Source("train", len(data["labels"]), self.config.train.batch_size)]
+        return make_draw_fn(self.config, sources, null_label=null_label)
 
     def init_params(self, model, params, source_run):
         """The parameters after ``init_from``'s were merged in (``source_run``: that run)."""

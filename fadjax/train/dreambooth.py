@@ -197,13 +197,11 @@ def generate_prior_images(eps_fn, params, schedule, label: int, *, num_images: i
     """``num_images`` samples of one label, uint8 ``[N, H, W, C]``; image ``i`` uses ``fold_in(key(seed), i)``."""
     bs = min(int(batch_size), int(num_images))
     out = []
-    for start in range(0, num_images, bs):
-        ids = list(range(start, min(num_images, start + bs)))
-        padded = ids + [ids[-1]] * (bs - len(ids))  # Fixed shape: one compilation.
-        x = sampling.sample(eps_fn, params, schedule, [label] * bs, shape=shape, seed=seed, image_ids=padded,
+    for ids, n in pipeline.fixed_batches(list(range(num_images)), bs):
+        x = sampling.sample(eps_fn, params, schedule, [label] * bs, shape=shape, seed=seed, image_ids=ids,
                             sampler=sampler, steps=steps)
-        out.append(sampling.to_uint8(diffusion_lib.from_model_range(x, data_range))[: len(ids)])
-        logging.info("prior images: %d/%d", ids[-1] + 1, num_images)
+        out.append(sampling.to_uint8(diffusion_lib.from_model_range(x, data_range))[:n])
+        logging.info("prior images: %d/%d", ids[n - 1] + 1, num_images)
     return np.concatenate(out)
 
 
@@ -313,38 +311,14 @@ def prior_images(config, workdir: pathlib.Path, labels: build.LabelSpace, settin
 # ----------------------------------------------------------------------------- the batch
 
 def make_draw(config, data, null_label):
-    """DreamBooth's draw: each step's batch is ``B_inst`` instance then ``B_prior`` prior images.
-
-    Draws depend only on the seed and the step (as the plain stage's), so resuming is exact.
-    """
-    d = config.data
+    """DreamBooth's draw: each step's batch is ``B_inst`` instance then ``B_prior`` prior images, the
+    prior images' noise MSE weighted by ``prior_weight`` (the plain stage's draw over two sources)."""
     b_inst, b_prior = int(config.train.batch_size), int(config.dreambooth.prior_batch_size)
-    n_inst = len(data["labels"])
-    n_prior = len(data["prior_labels"]) if b_prior else 0
-    lam = float(config.dreambooth.prior_weight)
-    max_t = int(config.diffusion.max_train_timestep)
-    p_drop = float(config.cond.label_dropout)
-    data_key, prior_key, step_root = jax.random.split(jax.random.key(config.seed), 3)
-    weights = np.concatenate([np.full(b_inst, 1.0 / b_inst), np.full(b_prior, lam / max(b_prior, 1))]).astype(np.float32)
-
-    def draw(step, data):
-        k_noise, k_t, k_aug, k_drop = jax.random.split(jax.random.fold_in(step_root, step), 4)
-        i = pipeline.batch_indices(data_key, step, num_examples=n_inst, batch_size=b_inst)
-        images, y = [data["images"][i]], [data["labels"][i]]
-        if b_prior:
-            j = pipeline.batch_indices(prior_key, step, num_examples=n_prior, batch_size=b_prior)
-            images.append(data["prior_images"][j])
-            y.append(data["prior_labels"][j])
-        x0 = pipeline.augment(k_aug, pipeline.to_float(jnp.concatenate(images)), hflip=d.hflip, vflip=d.vflip)
-        y = jnp.concatenate(y)  # [B_inst + B_prior]
-        b = b_inst + b_prior
-        if null_label is not None and p_drop > 0:
-            y = jnp.where(jax.random.bernoulli(k_drop, p_drop, (b,)), null_label, y)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        t = jax.random.randint(k_t, (b,), 0, max_t)
-        return x0, y, noise, t, jnp.asarray(weights)
-
-    return draw
+    sources = [pipeline.Source("instance", len(data["labels"]), b_inst)]
+    if b_prior:
+        sources.append(pipeline.Source("prior", len(data["prior_labels"]), b_prior, images="prior_images",
+                                       labels="prior_labels", weight=float(config.dreambooth.prior_weight)))
+    return diffusion_stage.make_draw_fn(config, sources, null_label=null_label)
 
 
 # ----------------------------------------------------------------------------- train

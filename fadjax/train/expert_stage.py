@@ -47,16 +47,12 @@ def make_train_step(module, config, par: common.Parallel, *, num_examples: int):
     """The compiled step ``(state, data, consts) -> (state, metrics)``: ``data`` the device-resident
     ``{'images', 'labels'}`` of the training split, ``consts['lr']`` the learning-rate schedule's numbers
     (``common.lr_hparams``, a runtime argument)."""
-    B = config.train.batch_size
-    root = jax.random.key(config.seed)
-    data_key, step_root = jax.random.split(jax.random.fold_in(root, 7))
-    d = config.data
+    keys = pipeline.RunKeys(config.seed)
+    sources = [pipeline.Source("train", num_examples, config.train.batch_size)]
 
     def draw(step, data):
-        idx = pipeline.batch_indices(data_key, step, num_examples=num_examples, batch_size=B)
-        x = pipeline.augment(jax.random.fold_in(step_root, step), pipeline.to_float(data["images"][idx]),
-                             hflip=d.hflip, vflip=d.vflip)
-        return x, data["labels"][idx]
+        x, y, _ = pipeline.draw_examples(keys, step, data, sources, hflip=config.data.hflip, vflip=config.data.vflip)
+        return x, y
 
     def loss_fn(params, batch_stats, x, y):
         variables = {"params": params}
@@ -100,14 +96,7 @@ def make_predict(module):
 
 def evaluate(predict, variables, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int):
     """Accuracy and confusion matrix (rows: true class, columns: predicted) on host arrays."""
-    preds = []
-    for i in range(0, len(labels), batch):
-        xb = images[i:i + batch]
-        pad = batch - len(xb)
-        if pad:  # One compiled shape for every batch.
-            xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-        preds.append(np.asarray(predict(variables, xb))[: batch - pad])
-    preds = np.concatenate(preds) if preds else np.zeros((0,), np.int64)
+    preds = pipeline.batched(lambda x: predict(variables, x), images, batch).astype(np.int64)
     conf = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(conf, (labels, preds), 1)
     return float(np.mean(preds == labels)) if len(labels) else float("nan"), conf
