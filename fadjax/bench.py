@@ -303,8 +303,8 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
     labels = _label_space(config, num_classes)
     text_features = _text_features(config, labels, rng)
     par = common.make_parallel(config, batch)
-    model = build.build_diffusion_model(config, labels)
-    dtype = common.compute_dtype(config)
+    model = build.build_diffusion_model(build.unet(config), cond_mode=config.cond.mode, labels=labels)
+    dtype = config_lib.compute_dtype(config)
 
     expert = None
     consts = {"text_features": text_features}
@@ -332,7 +332,7 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
     meta["param_dtype"] = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
 
     def make_step(c):
-        return _make_step(c, build.build_diffusion_model(c, labels), expert, labels, num_examples=n)
+        return _make_step(c, build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode, labels=labels), expert, labels, num_examples=n)
 
     step_fn, tx, consts["hp"] = _make_step(config, model, expert, labels, num_examples=n)
     ema_decay = config.train.ema_decay
@@ -492,7 +492,7 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
             return model(params, x, t, labels, text_features)[0]
         return eps_fn
 
-    model = build.build_diffusion_model(config, labels_space)
+    model = build.build_diffusion_model(build.unet(config), cond_mode=config.cond.mode, labels=labels_space)
     params = jax.device_put(host_random_init(model_param_shapes(model, config, text_features),
                                              np.random.default_rng(seed)))
     eps_fn = eps_fn_of(model)
@@ -511,7 +511,7 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
 
     c = ml_collections.ConfigDict(config.to_dict())
     c.model.attention = "xla"
-    xla_eps = eps_fn_of(build.build_diffusion_model(c, labels_space))
+    xla_eps = eps_fn_of(build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode, labels=labels_space))
     evals = batch * (2 if guidance != 1.0 else 1)
     x = jax.ShapeDtypeStruct((evals, size, size, channels), jnp.float32)
     t = jax.ShapeDtypeStruct((evals,), jnp.int32)

@@ -57,6 +57,12 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     return config_module(name).get_config(arg)
 
 
+def compute_dtype(config):
+    """The run's compute dtype (``config.dtype``) as a JAX dtype; parameters and optimizer state stay float32."""
+    import jax.numpy as jnp
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 

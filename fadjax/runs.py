@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from fadjax import checkpoints
+from fadjax import config_lib
 from fadjax import diffusion as diffusion_lib
 from fadjax import workdir as workdir_lib
 from fadjax.models import build
@@ -168,9 +169,11 @@ def load_diffusion_run(workdir, *, step: int | None = None, use_ema: bool = True
     if "unet_config" in record:  # The architecture as trained (also for pretrained U-Nets).
         from fadjax.models import unet as unet_lib, unet_config
         unet_module = unet_lib.UNet(unet_config.UNetConfig.from_dict(record["unet_config"]),
-                                    dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
+                                    dtype=config_lib.compute_dtype(config),
                                     attention=config.model.attention)
-    model = build.build_diffusion_model(config, labels, unet_module=unet_module)
+    if unet_module is None:
+        unet_module = build.unet(config)
+    model = build.build_diffusion_model(unet_module, cond_mode=config.cond.mode, labels=labels)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
     return DiffusionRun(workdir, config, int(step), labels, model, params, text_features, schedule, used_ema, record)
 

@@ -88,7 +88,8 @@ def test_config_validation_of_align_fields():
 def test_unet_exposes_up_block_features():
     from fadjax.models import build
     c = config_lib.load("baseline", "tiny")
-    model = build.build_diffusion_model(c, build.LabelSpace(("a", "b"), has_null=False))
+    model = build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode,
+                                        labels=build.LabelSpace(("a", "b"), has_null=False))
     shapes = model.feature_shapes(image_size=16, channels=1)
     assert {"down_0", "down_2", "up_0", "up_1", "up_2"} <= set(shapes)
     assert shapes["up_2"][1:3] == (16, 16)

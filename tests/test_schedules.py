@@ -99,7 +99,7 @@ def test_attention_levels_choose_block_types_and_features():
     cfg = build.unet_config(c, channels=1)
     assert cfg.down_block_types == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
     assert cfg.up_block_types == ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
-    model = build.build_diffusion_model(c, build.LabelSpace(("a", "b")))
+    model = build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode, labels=build.LabelSpace(("a", "b")))
     params = model.init(jax.random.key(0), image_size=8, channels=1)
     flat = jax.tree_util.tree_flatten_with_path(params["unet"])[0]
     names = {jax.tree_util.keystr(k) for k, _ in flat}

@@ -109,14 +109,17 @@ class DiffusionModel:
         return {k: tuple(v.shape) for k, v in jax.eval_shape(f, x, t, ctx).items()}
 
 
-def build_diffusion_model(config, labels: LabelSpace, *, unet_module=None) -> DiffusionModel:
-    """The run's modules; ``unet_module`` replaces the config-built U-Net (pretrained weights)."""
-    from fadjax.models import conditioning, unet as unet_lib
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    if unet_module is None:
-        cfg = unet_config(config, channels=config.data.channels)
-        unet_module = unet_lib.UNet(cfg, dtype=dtype, attention=config.model.attention)
-    cond = conditioning.ClassConditioner(mode=config.cond.mode, num_classes=labels.size,
+def unet(config):
+    """The run's U-Net module: :func:`unet_config`'s architecture, the config's compute dtype and attention."""
+    from fadjax.models import unet as unet_lib
+    return unet_lib.UNet(unet_config(config, channels=config.data.channels), dtype=config_lib.compute_dtype(config),
+                         attention=config.model.attention)
+
+
+def build_diffusion_model(unet_module, *, cond_mode: str, labels: LabelSpace) -> DiffusionModel:
+    """The U-Net (:func:`unet`, or one with pretrained weights) and a ``cond_mode`` conditioner over ``labels``."""
+    from fadjax.models import conditioning
+    cond = conditioning.ClassConditioner(mode=cond_mode, num_classes=labels.size,
                                          dim=unet_module.config.cross_attention_dim)
     return DiffusionModel(unet_module, cond, labels)
 

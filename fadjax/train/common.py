@@ -37,10 +37,6 @@ class NonFiniteLossError(RuntimeError):
     """Raised the moment a step produced a non-finite loss or gradient."""
 
 
-def compute_dtype(config) -> jnp.dtype:
-    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-
-
 def log_topology() -> None:
     """Logs the process/device topology (what runs where)."""
     logging.info("JAX %s on %s: process %d of %d, %d local / %d global devices: %s",

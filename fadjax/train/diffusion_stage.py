@@ -171,8 +171,10 @@ def _models(config, labels: build.LabelSpace):
         from fadjax.models import unet_convert
         unet_module, unet_params = unet_convert.from_pretrained(
             config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
-            dtype=common.compute_dtype(config), attention=config.model.attention)
-    model = build.build_diffusion_model(config, labels, unet_module=unet_module)
+            dtype=config_lib.compute_dtype(config), attention=config.model.attention)
+    if unet_module is None:
+        unet_module = build.unet(config)
+    model = build.build_diffusion_model(unet_module, cond_mode=config.cond.mode, labels=labels)
     image_size = config.data.image_size
     levels = len(model.unet.config.block_out_channels) - 1
     if image_size % (2 ** levels):
@@ -190,7 +192,7 @@ def _models(config, labels: build.LabelSpace):
 def _load_expert(config, ds, feat_shapes: dict):
     """(the trained expert run, its feature width, the U-Net feature's width), checked against the data."""
     from fadjax import runs
-    expert_run = runs.load_expert_run(config.align.expert_workdir, dtype=common.compute_dtype(config))
+    expert_run = runs.load_expert_run(config.align.expert_workdir, dtype=config_lib.compute_dtype(config))
     if list(expert_run.class_names) != list(ds.class_names):
         raise config_lib.ConfigError(
             f"config.align.expert_workdir: the expert was trained on classes {expert_run.class_names}, "

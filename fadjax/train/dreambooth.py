@@ -271,8 +271,8 @@ def _starting_model(config, workdir: pathlib.Path, labels: build.LabelSpace):
     from fadjax.models import unet_convert
     module, unet_params = unet_convert.from_pretrained(
         config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
-        dtype=common.compute_dtype(config), attention=config.model.attention)
-    model = build.build_diffusion_model(config, labels, unet_module=module)
+        dtype=config_lib.compute_dtype(config), attention=config.model.attention)
+    model = build.build_diffusion_model(module, cond_mode=config.cond.mode, labels=labels)
     text_features = diffusion_stage._text_features(config, workdir, labels)
     k_model, _ = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
     params = model.init(k_model, image_size=config.data.image_size, channels=config.data.channels,

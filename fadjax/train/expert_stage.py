@@ -29,7 +29,7 @@ def build_expert_module(config, num_classes: int):
     """``(module, variables_or_None)``: pretrained when ``expert.pretrained`` is set."""
     from fadjax.models import expert as expert_lib
     e = config.expert
-    dtype = common.compute_dtype(config)
+    dtype = config_lib.compute_dtype(config)
     if e.pretrained:
         return expert_lib.from_pretrained(e.pretrained, in_channels=config.data.channels,
                                           num_classes=num_classes, head_hidden=e.head_hidden, dtype=dtype)
