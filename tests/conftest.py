@@ -22,25 +22,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def kather_dir():
-    """The real grayscale Kather 2016 tiles (../shared/data/kather2016_gray); skip when absent."""
-    path = SHARED_DATA / "kather2016_gray"
-    if not path.is_dir():
-        pytest.skip(f"real tiles not found at {path}")
-    return path
-
-
 KATHER_FOLDERS = ("01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE",
                   "08_EMPTY")
 
 
-def make_tile_folder(root: pathlib.Path, *, per_class: int) -> str:
-    """A folder source laid out as the Kather 2016 tiles (8 class folders of 150x150 grayscale PNGs).
+def make_tile_folder(root: pathlib.Path, *, per_class: int, channels: int = 1) -> str:
+    """A folder source laid out as the Kather 2016 tiles (8 class folders of 150x150 grayscale PNGs,
+    or RGB ones with ``channels=3``).
 
     The images are generated (the demo's textures, a different draw per class), so the tests that
-    train on a folder run on a fresh clone with nothing beside it; the real tiles are tested in
-    test_data.py where they are present.
+    train on a folder run on a fresh clone with nothing beside it.
     """
     from PIL import Image
 
@@ -49,9 +40,23 @@ def make_tile_folder(root: pathlib.Path, *, per_class: int) -> str:
     for c, name in enumerate(KATHER_FOLDERS):
         (root / name).mkdir()
         for i in range(per_class):
-            pixels = demo.image(c % len(demo.CLASS_NAMES), 1000 * c + i, image_size=150, channels=1)
-            Image.fromarray(pixels[..., 0], mode="L").save(root / name / f"tile_{i:03d}.png")
+            pixels = demo.image(c % len(demo.CLASS_NAMES), 1000 * c + i, image_size=150, channels=channels)
+            Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(root / name / f"tile_{i:03d}.png")
     return f"folder:{root}"
+
+
+@pytest.fixture(scope="session")
+def kather_dir(tmp_path_factory):
+    """The Kather 2016 grayscale tiles (``../shared/data/kather2016_gray``, with the RGB sample beside it)
+    when they are beside the repository; else generated tiles in the same layout (``make_tile_folder``:
+    10 gray per class, and a 2-per-class RGB sample beside them), so no test skips for missing data."""
+    path = SHARED_DATA / "kather2016_gray"
+    if path.is_dir():
+        return path
+    root = tmp_path_factory.mktemp("kather_like")
+    make_tile_folder(root / "kather2016_gray", per_class=10)
+    make_tile_folder(root / "kather2016_rgb_sample", per_class=2, channels=3)
+    return root / "kather2016_gray"
 
 
 @pytest.fixture

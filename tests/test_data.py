@@ -66,7 +66,7 @@ def _add_bad_files(root: pathlib.Path) -> list[str]:
     return [str(empty), str(truncated), str(html)]
 
 
-# ---------------------------------------------------------------- real tiles
+# ---------------------------------------------------------------- Kather tiles (real when ../shared is there)
 
 
 def test_real_gray_tiles_subset(kather_dir, tmp_path):
@@ -88,8 +88,6 @@ def test_real_gray_tiles_subset(kather_dir, tmp_path):
 
 def test_real_rgb_sample_one_and_three_channels(kather_dir, tmp_path):
     rgb_dir = kather_dir.parent / "kather2016_rgb_sample"
-    if not rgb_dir.is_dir():
-        pytest.skip(f"RGB sample not found at {rgb_dir}")
     root = _subset(rgb_dir, tmp_path / "rgb", per_class=2)
     rgb = data.load(f"folder:{root}", image_size=32, channels=3, progress=False)
     gray = data.load(f"folder:{root}", image_size=32, channels=1, progress=False)
