@@ -40,11 +40,21 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, nproc: int, devices: int, logs: pathlib.Path):
+# The expert stage, micro: ResNet18 of width 4 at 16 px on 60 demo images (48 train: 6 steps of 8 per epoch).
+EXPERT_STEPS = 12
+EXPERT = [
+    "--config=configs/expert.py:tiny", "--config.data.source=demo:12", "--config.data.image_size=16",
+    "--config.expert.width=4", "--config.expert.head_hidden=8", "--config.train.batch_size=8",
+    "--config.train.num_epochs=2", "--config.train.checkpoint_every=4", "--config.train.log_every=2",
+    "--config.train.eval_batch_size=12", "--config.train.progress=false",
+]
+
+
+def _launch(workdir, nproc: int, devices: int, logs: pathlib.Path, args=MICRO):
     port = _port()
     procs = []
     for i in range(nproc):
-        cmd = [sys.executable, "train.py", *MICRO, f"--workdir={workdir}"]
+        cmd = [sys.executable, "train.py", *args, f"--workdir={workdir}"]
         if nproc > 1:
             cmd += [f"--coordinator=127.0.0.1:{port}", f"--num_processes={nproc}", f"--process_id={i}"]
         log = open(logs / f"{pathlib.Path(workdir).name}_{i}_{time.time_ns()}.log", "w")
@@ -106,3 +116,22 @@ def test_two_processes_match_one_process_and_resume_after_kill(tmp_path):
     # Only process 0 wrote the metrics: one line per logged step, no duplicates.
     steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+
+def test_two_process_expert_resumes_on_every_process(tmp_path):
+    """The expert stage restores its checkpoint onto each process's own devices (process 1 cannot
+    address process 0's), after a kill right after its first checkpoint."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    first = _launch(tmp_path / "e", 2, 2, logs, EXPERT)
+    _wait(first)
+    for step in _steps(tmp_path / "e")[1:]:  # As if killed right after the first checkpoint.
+        shutil.rmtree(tmp_path / "e" / "checkpoints" / str(step))
+    kept = _steps(tmp_path / "e")
+    assert kept and kept[0] < EXPERT_STEPS
+    again = _launch(tmp_path / "e", 2, 2, logs, EXPERT)
+    _wait(again)
+    assert _steps(tmp_path / "e")[-1] == EXPERT_STEPS
+    text = "".join(p.read_text() for p in logs.glob("e_*.log"))
+    assert f"resumed from step {kept[0]}" in text and "process 1 of 2" in text
+    assert runs.load_expert_run(tmp_path / "e").val_accuracy is not None
