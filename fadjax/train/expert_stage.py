@@ -39,10 +39,6 @@ def build_expert_module(config, num_classes: int):
     return expert_lib.build_expert(e.arch, num_classes=num_classes, dtype=dtype, **kw), None
 
 
-def _has_bn(variables) -> bool:
-    return "batch_stats" in variables
-
-
 def make_train_step(module, config, par: common.Parallel, *, num_examples: int):
     """The compiled step ``(state, data, consts) -> (state, metrics)``: ``data`` the device-resident
     ``{'images', 'labels'}`` of the training split, ``consts['lr']`` the learning-rate schedule's numbers
