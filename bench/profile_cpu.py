@@ -8,7 +8,7 @@ data, the config's shapes), runs it under ``jax.profiler`` and sums the time of 
 instruction computes: a convolution, a matrix product (attention, projections), a reduction
 (GroupNorm statistics, losses), element-wise work, data movement (copies, transposes, slices,
 pads) or a loop (chunked attention, the sampler). Prints a table and writes ``OUT/profile.json``;
-the raw trace is in ``OUT/trace``.
+the raw trace is in ``OUT/trace``, the compiled program in ``OUT/program.hlo``.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def main(argv):
     step_fn, args, meta, _ = bench.build_train_step(config, expert_arch=FLAGS.expert_arch,
                                                     expert_width=FLAGS.expert_width)
     compiled = step_fn.lower(*args).compile()
-    kinds = hlo_kinds(compiled.as_text())
+    hlo = compiled.as_text()
+    kinds = hlo_kinds(hlo)
     state, rest = args[0], args[1:]
     for _ in range(2):  # Warm-up.
         state, m = compiled(state, *rest)
@@ -130,6 +131,7 @@ def main(argv):
                           for k, v in by_op.most_common(15)],
               "meta": meta, "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}
     out.mkdir(parents=True, exist_ok=True)
+    (out / "program.hlo").write_text(hlo)  # The compiled program, to read what an operation is.
     (out / "profile.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"step {wall * 1e3:.1f} ms ({config.train.batch_size / wall:.1f} img/s, untraced); XLA's threads executed "
           f"{busy / FLAGS.steps / 1e3:.1f} ms per step, its operations {total / FLAGS.steps / 1e3:.1f} ms "

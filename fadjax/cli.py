@@ -33,18 +33,23 @@ def user_errors() -> tuple[type[BaseException], ...]:
 class Flags(flags.FlagValues):
     """The flags of one entry point; ``parse(argv)`` resets them to their defaults, then parses ``argv``."""
 
-    def __init__(self, prog: str):
+    def __init__(self, prog: str, epilog: str = ""):
         super().__init__()
         self.__dict__["prog"] = prog  # FlagValues keeps its own attributes in __dict__.
+        self.__dict__["epilog"] = epilog
 
     def parse(self, argv: Sequence[str] | None) -> "Flags":
-        """Parses ``argv`` (without the program name; None = ``sys.argv[1:]``).
+        """Parses ``argv`` (without the program name; None = ``sys.argv[1:]``); ``-h``/``--help`` prints the usage.
 
         Raises:
+          SystemExit(0): after printing the usage, for ``-h`` or ``--help``.
           SystemExit(2): an unknown flag, a bad value, a missing required flag or a stray argument,
             named in one line.
         """
         argv = list(sys.argv[1:] if argv is None else argv)
+        if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+            print(self.usage(), flush=True)
+            raise SystemExit(0)
         self.unparse_flags()
         try:
             rest = self([self.prog, *argv])
@@ -53,6 +58,15 @@ class Flags(flags.FlagValues):
         if len(rest) > 1:
             raise usage_error(self.prog, f"unexpected arguments {rest[1:]}")
         return self
+
+
+    def usage(self) -> str:
+        """``usage: PROG [flags]`` and every flag with its help and default."""
+        lines = [f"usage: {self.prog} [flags]", ""]
+        for flag in sorted(set(self._flags().values()), key=lambda f: f.name):
+            default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+            lines.append(f"  --{flag.name}: {flag.help}{default}")
+        return "\n".join(lines + ["", self.epilog] if self.epilog else lines)
 
 
 def usage_error(prog: str, message: str) -> SystemExit:

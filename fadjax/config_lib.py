@@ -165,6 +165,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{m.get('attention_levels')!r}: levels must be in 0..{n_levels - 1} ({n_levels} U-Net levels)")
     _check(m.get("layers_per_block") is None or m.layers_per_block >= 1, "model.layers_per_block",
            f"{m.get('layers_per_block')} must be >= 1")
+    _check(not (m.get("class_to_time") and m.get("pretrained")), "model.class_to_time",
+           "a pretrained U-Net has no class embedding to add to its time embedding; set it False "
+           "(the class still enters through cross-attention)")
     a = config.align
     _check(a.weight >= 0, "align.weight", f"{a.weight} must be >= 0")
     _check(a.expert_input in EXPERT_INPUTS, "align.expert_input", f"{a.expert_input!r} is not one of {EXPERT_INPUTS}")

@@ -22,6 +22,8 @@ def run(*args):
     (["-m", "fadjax.reproduce", "--preset", "cpu", "--out", "{tmp}/r"], 2, "--preset cpu needs --data"),
     (["-m", "fadjax.reproduce", "--out", "{tmp}/r", "--diffusion.train.num_stepz=3"], 2, "no field 'num_stepz'"),
     (["-m", "fadjax.reproduce", "--out", "{tmp}/r", "--unet.x=3"], 2, "unknown config group 'unet'"),
+    (["-m", "fadjax.reproduce", "--out", "{tmp}/r", "--diffusion.model.block_out_channels=32,64,64"], 2,
+     "model fad_xt: config.align.unet_feature: 'down_2_shortcut' is not a U-Net feature"),
     (["-m", "fadjax.evaluate", "--expert_workdir", "{tmp}", "--out", "{tmp}/e", "--generated", "{tmp}"], 1,
      "manifest.json is missing"),
     (["-m", "fadjax.report", "--runs", "{tmp}/a,{tmp}/b", "--out", "{tmp}/c"], 1, "has no metrics.json"),
@@ -36,3 +38,20 @@ def test_a_users_mistake_is_one_line(tmp_path, args, rc, needle):
     assert r.returncode == rc, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
     assert needle.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("module, flag", [("fadjax.sample", "--workdir"), ("fadjax.evaluate", "--expert_workdir"),
+                                          ("fadjax.report", "--runs"), ("fadjax.reproduce", "--GROUP.FIELD=VALUE")])
+def test_help_lists_the_flags(module, flag):
+    r = run("-m", module, "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"usage: python -m {module} [flags]") and flag in r.stdout, r.stdout
+
+
+def test_reproduce_overrides_take_true_and_false():
+    from fadjax.reproduce import presets
+    _, overrides = presets.parse_overrides(["--diffusion.model.class_to_time=true", "--diffusion.cond.label_dropout=0"])
+    configs = presets.build("tiny", data=None, seeds=None, expert_workdir="e", cache_dir=None, overrides=overrides,
+                            pretrain_workdir="p")
+    assert configs.models["baseline"].model.class_to_time is True
+    assert configs.models["baseline"].cond.label_dropout == 0

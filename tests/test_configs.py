@@ -55,3 +55,11 @@ def test_the_package_builds_configs_only_from_the_files():
     expected = config_lib.load("baseline", "cpu")
     expected.data.source, expected.init_from = "folder:/tiles", "p"
     assert c.models["baseline"].to_dict() == expected.to_dict()
+
+
+def test_class_to_time_needs_a_unet_of_our_own():
+    c = config_lib.load("baseline", "tiny,demo")
+    assert c.model.class_to_time
+    c.model.pretrained = "segmind/tiny-sd"
+    with pytest.raises(config_lib.ConfigError, match="model.class_to_time"):
+        config_lib.validate(c)

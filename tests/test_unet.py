@@ -3,6 +3,7 @@
 Parameters are random draws over `param_shapes` (no compiled random init), so each parity test
 compiles only the forward passes it compares.
 """
+import dataclasses
 import functools
 import json
 import logging
@@ -312,3 +313,35 @@ def test_auto_attention_chunks_only_large_score_tensors(monkeypatch):
     assert calls("xla") == {"xla": 18}
     with pytest.raises(ValueError, match="needs a GPU"):
         calls("cudnn")
+
+
+def test_class_projection_matches_diffusers(tmp_path):
+    """class_embed_type 'projection' (config.model.class_to_time): the class vector, added to the time
+    embedding, reaches blocks without attention; our U-Net feeds it the context's mean, as diffusers
+    does its class_labels."""
+    torch = pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+    spec = dict(TORCH_CKPT, class_embed_type="projection", projection_class_embeddings_input_dim=16)
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**spec).eval()
+    model.save_pretrained(tmp_path)
+    module, params = from_pretrained(tmp_path)
+    assert module.config.class_embed_type == "projection" and "class_embedding" in params
+    x, t, context = inputs(module.config)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(context),
+                    class_labels=torch.from_numpy(context.mean(1))).sample
+    eps, _ = apply_unet(module, params, x, t, context)
+    np.testing.assert_allclose(eps, ref.permute(0, 2, 3, 1).numpy(), atol=1e-3, rtol=0)
+    # Without attention anywhere, the class reaches the output only through the time embedding.
+    plain = tiny_sd_config(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                           cross_attention_dim=8, down_block_types=("DownBlock2D",) * 2,
+                           up_block_types=("UpBlock2D",) * 2, class_embed_type="projection",
+                           projection_class_embeddings_input_dim=8)
+    p = init_params(UNet(plain), jax.random.key(0), image_size=8)
+    x1 = np.zeros((2, 8, 8, 1), np.float32)
+    ctx = np.stack([np.zeros((1, 8)), np.ones((1, 8))]).astype(np.float32)
+    eps2, _ = apply_unet(UNet(plain), p, x1, np.array([5, 5], np.int32), ctx)
+    assert np.abs(eps2[0] - eps2[1]).max() > 1e-4
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+        dataclasses.replace(plain, projection_class_embeddings_input_dim=4)

@@ -268,6 +268,8 @@ class UNet(nn.Module):
                       implementation=attention_lib.resolve_attention(self.attention, self.dtype), dtype=self.dtype)
         self.conv_in = _conv(channels[0], 3, self.dtype, "conv_in")
         self.time_embedding = TimestepEmbedding(4 * channels[0], self.dtype)
+        if cfg.class_embed_type == "projection":
+            self.class_embedding = TimestepEmbedding(4 * channels[0], self.dtype)
         self.down_blocks = [
             DownBlock(channels[i], cfg.layers_per_block, heads[i], kind == "CrossAttnDownBlock2D",
                       resample=i < n - 1, **shared)
@@ -305,6 +307,8 @@ class UNet(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(t), (b,))  # [B]
         temb = self.time_embedding(timestep_embedding(
             t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift))  # [B, 4C0]
+        if cfg.class_embed_type == "projection":
+            temb = temb + self.class_embedding(context.mean(axis=1).astype(self.dtype))  # [B, 4C0]
         deterministic = not train
         features = {}
 

@@ -23,8 +23,7 @@ _IGNORED_KEYS = frozenset({
 _FIXED_KEYS = {
     "act_fn": "silu", "center_input_sample": False, "only_cross_attention": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-5, "dual_cross_attention": False,
-    "class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+    "num_class_embeds": None, "addition_embed_type": None, "addition_time_embed_dim": None,
     "class_embeddings_concat": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
@@ -58,9 +57,21 @@ class UNetConfig:
     freq_shift: int = 0
     dropout: float = 0.0
     transformer_layers_per_block: int = 1
+    # diffusers' "projection" class embedding: a TimestepEmbedding-shaped MLP maps a class vector of
+    # width `projection_class_embeddings_input_dim` to the time embedding's width and adds it there, so
+    # the class reaches every ResNet block, not only the cross-attention layers. Our U-Net feeds it the
+    # mean of the cross-attention context (the class's own token in fadjax).
+    class_embed_type: str | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
+        if self.class_embed_type not in (None, "projection"):
+            raise ValueError(f"unsupported class_embed_type {self.class_embed_type!r}: supported are None, 'projection'")
+        if self.class_embed_type == "projection" and self.projection_class_embeddings_input_dim != self.cross_attention_dim:
+            raise ValueError(f"class_embed_type 'projection' needs projection_class_embeddings_input_dim == "
+                             f"cross_attention_dim ({self.cross_attention_dim}): the class vector is the context's "
+                             f"mean; got {self.projection_class_embeddings_input_dim!r}")
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError(f"down_block_types {self.down_block_types}, up_block_types {self.up_block_types} and "
                              f"block_out_channels {self.block_out_channels} must have the same length")

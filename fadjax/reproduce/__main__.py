@@ -13,7 +13,9 @@ from fadjax import cli
 from fadjax.reproduce import presets
 
 
-FLAGS = cli.Flags("python -m fadjax.reproduce")
+FLAGS = cli.Flags("python -m fadjax.reproduce", epilog=(
+    "Config fields: --GROUP.FIELD=VALUE, GROUP one of expert, judge2, diffusion (every model), pretrain or a "
+    "model's name, e.g. --diffusion.train.num_steps=200 (as train.py's --config.FIELD=VALUE)."))
 flags.DEFINE_enum("preset", "tiny", sorted(presets.PRESETS), "paper: the paper's settings; fast: one H200 in "
                   "~6.5 min; cpu: the real tiles on 2 CPU cores; tiny: demo data on a CPU in minutes.",
                   flag_values=FLAGS)
@@ -42,6 +44,21 @@ def check_data(configs) -> None:
         classes = [n.strip() for n in c.data.classes.split(",")] if c.data.get("classes") else None
         if sources.class_names(c.data.source, classes=classes) is None:
             raise DataError(f"--data {c.data.source!r}: no such folder")
+
+
+def check_models(configs) -> None:
+    """Every U-Net can be built at its image size and has its aligned feature, before any stage starts
+    (ConfigError naming the model and the field if not): shapes only, no compile."""
+    from fadjax import config_lib
+    from fadjax.train import diffusion_stage
+    named = {**({presets.PRETRAIN: configs.pretrain} if configs.pretrain is not None else {}), **configs.models}
+    for name, c in named.items():
+        if c.model.pretrained:  # Its architecture is in the weights' folder; the stage checks it.
+            continue
+        try:
+            diffusion_stage.check_model(c)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"model {name}: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
@@ -85,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                 cache_dir=args.cache_dir or str(out / "cache"),
                                 overrides=overrides, models=presets.parse_models(args.models))
         check_data(configs)
+        check_models(configs)
     except (config_lib.ConfigError, DataError) as e:
         raise cli.usage_error(FLAGS.prog, str(e)) from None
     command = "python -m fadjax.reproduce " + shlex.join(argv)

@@ -203,9 +203,10 @@ def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
     if leaf not in node:
         raise PresetError(f"{path}: no field {leaf!r} in the {config.stage} config")
     candidates = [value]
-    if isinstance(value, Text):  # "1e-3" -> 1e-3, "None" -> None; "0-4", "8,16", "resnet18" stay text.
+    if isinstance(value, Text):  # "1e-3" -> 1e-3, "None" -> None, "true" -> True; "0-4", "8,16", "resnet18" stay text.
         try:
-            candidates = [ast.literal_eval(value), str(value)]
+            literal = {"true": "True", "false": "False", "none": "None"}.get(value.lower(), value)
+            candidates = [ast.literal_eval(literal), str(value)]
         except (ValueError, SyntaxError):
             candidates = [str(value)]
     for i, v in enumerate(candidates):

@@ -164,17 +164,13 @@ def _text_features(config, workdir: pathlib.Path, labels: build.LabelSpace):
     return build.null_padded(feats, labels)
 
 
-def _models(config, labels: build.LabelSpace):
-    """(pretrained U-Net params or None, the run's DiffusionModel, its U-Net's feature shapes)."""
-    unet_module = unet_params = None
-    if config.model.pretrained:  # The U-Net from pretrained weights.
-        from fadjax.models import unet_convert
-        unet_module, unet_params = unet_convert.from_pretrained(
-            config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
-            dtype=config_lib.compute_dtype(config), attention=config.model.attention)
-    if unet_module is None:
-        unet_module = build.unet(config)
-    model = build.build_diffusion_model(unet_module, cond_mode=config.cond.mode, labels=labels)
+def check_model(config, model=None) -> dict:
+    """The U-Net's feature shapes, after checking that it can halve the image size at each level and has
+    ``align.unet_feature`` (ConfigError naming the field if not). Cheap (shapes only): ``fadjax.reproduce``
+    checks every model this way before any stage starts. ``model`` None = the config's own U-Net."""
+    if model is None:
+        model = build.build_diffusion_model(build.unet(config), cond_mode=config.cond.mode,
+                                            labels=build.LabelSpace(("class",)))
     image_size = config.data.image_size
     levels = len(model.unet.config.block_out_channels) - 1
     if image_size % (2 ** levels):
@@ -186,6 +182,21 @@ def _models(config, labels: build.LabelSpace):
         raise config_lib.ConfigError(
             f"config.align.unet_feature: {config.align.unet_feature!r} is not a U-Net feature; "
             f"choose one of {sorted(feat_shapes)}")
+    return feat_shapes
+
+
+def _models(config, labels: build.LabelSpace):
+    """(pretrained U-Net params or None, the run's DiffusionModel, its U-Net's feature shapes)."""
+    unet_module = unet_params = None
+    if config.model.pretrained:  # The U-Net from pretrained weights.
+        from fadjax.models import unet_convert
+        unet_module, unet_params = unet_convert.from_pretrained(
+            config.model.pretrained, in_channels=config.data.channels, out_channels=config.data.channels,
+            dtype=config_lib.compute_dtype(config), attention=config.model.attention)
+    if unet_module is None:
+        unet_module = build.unet(config)
+    model = build.build_diffusion_model(unet_module, cond_mode=config.cond.mode, labels=labels)
+    feat_shapes = check_model(config, model)
     return unet_params, model, feat_shapes
 
 
