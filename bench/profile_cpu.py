@@ -6,8 +6,8 @@ Builds the trainer's compiled step (``fadjax.bench.build_train_step``: random we
 data, the config's shapes), runs it under ``jax.profiler`` and sums the time of every XLA operation
 (the CPU runtime's thunks) over the traced steps. Each operation is grouped by what its HLO
 instruction computes: a convolution, a matrix product (attention, projections), a reduction
-(GroupNorm statistics, losses), element-wise work, data movement (copies, transposes, slices,
-pads) or a loop (chunked attention, the sampler). Prints a table and writes ``OUT/profile.json``;
+(GroupNorm statistics, losses), element-wise work (with the broadcasts of its operands), data
+movement (copies, transposes, slices, pads, concatenations) or a loop (chunked attention, the sampler). Prints a table and writes ``OUT/profile.json``;
 the raw trace is in ``OUT/trace``, the compiled program in ``OUT/program.hlo``.
 """
 from __future__ import annotations
@@ -38,8 +38,10 @@ KINDS = (
     ("matmul", {"dot"}),
     ("loop", {"while", "call", "conditional"}),
     ("reduction", {"reduce", "reduce-window", "select-and-scatter", "sort"}),
+    # A broadcast, reshape or bitcast inside an element-wise fusion only indexes its operands (a GroupNorm's
+    # per-channel scale, a bias): such a fusion is element-wise work, not data movement.
     ("data movement", {"copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice", "pad",
-                       "concatenate", "gather", "scatter", "reverse", "broadcast", "reshape", "bitcast", "iota"}),
+                       "concatenate", "gather", "scatter", "reverse"}),
 )
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? ([a-z][\w\-]*)\(", re.M)
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")

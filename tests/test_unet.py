@@ -345,3 +345,33 @@ def test_class_projection_matches_diffusers(tmp_path):
     assert np.abs(eps2[0] - eps2[1]).max() > 1e-4
     with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
         dataclasses.replace(plain, projection_class_embeddings_input_dim=4)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_norm_matches_flax_values_and_gradients(silu, dtype):
+    """models.group_norm.GroupNorm: flax's GroupNorm (+ SiLU), its parameters, and a hand-written gradient."""
+    from flax import linen as nn
+    from fadjax.models.group_norm import GroupNorm
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 4, 6, 16)) * 2 + 0.5, jnp.float32)
+    params = {"scale": jnp.asarray(rng.standard_normal(16) + 1, jnp.float32),
+              "bias": jnp.asarray(rng.standard_normal(16), jnp.float32)}
+    g_out = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ours = GroupNorm(num_groups=4, epsilon=1e-6, silu=silu, dtype=dtype)
+    theirs = nn.GroupNorm(num_groups=4, epsilon=1e-6, dtype=dtype)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, theirs.init(jax.random.key(0), x))
+
+    def loss(module, post):
+        return lambda p, x: jnp.sum(post(module.apply({"params": p}, x)).astype(jnp.float32) * g_out)
+
+    post = nn.silu if silu else (lambda y: y)
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    y_ours, y_theirs = ours.apply({"params": params}, x), post(theirs.apply({"params": params}, x))
+    assert y_ours.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y_ours, np.float32), np.asarray(y_theirs, np.float32), atol=tol, rtol=tol)
+    g_ours = jax.grad(loss(ours, lambda y: y), argnums=(0, 1))(params, x)
+    g_theirs = jax.grad(loss(theirs, post), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs)):
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * max(scale, 1.0))

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fadjax.models import attention as attention_lib
+from fadjax.models.group_norm import GroupNorm
 from fadjax.models.unet_config import UNetConfig
 
 
@@ -41,8 +42,9 @@ def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1) -> nn.C
                    param_dtype=jnp.float32, name=name)
 
 
-def _group_norm(groups: int, dtype, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
+def _group_norm(groups: int, dtype, name: str, epsilon: float = 1e-5, silu: bool = False) -> GroupNorm:
+    """flax's GroupNorm (its parameters, its values), then SiLU when ``silu``, with a faster gradient."""
+    return GroupNorm(num_groups=groups, epsilon=epsilon, silu=silu, dtype=dtype, name=name)
 
 
 def _dense(features: int, dtype, name: str, use_bias: bool = True) -> nn.Dense:
@@ -59,9 +61,9 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, deterministic: bool = True):
         # x [B, H, W, Cin], temb [B, T] -> ([B, H, W, Cout], shortcut [B, H, W, Cout] or None)
-        h = _conv(self.out_channels, 3, self.dtype, "conv1")(nn.silu(_group_norm(self.groups, self.dtype, "norm1")(x)))
+        h = _conv(self.out_channels, 3, self.dtype, "conv1")(_group_norm(self.groups, self.dtype, "norm1", silu=True)(x))
         h = h + _dense(self.out_channels, self.dtype, "time_emb_proj")(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(_group_norm(self.groups, self.dtype, "norm2")(h))
+        h = _group_norm(self.groups, self.dtype, "norm2", silu=True)(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         shortcut = None
@@ -280,7 +282,7 @@ class UNet(nn.Module):
             UpBlock(channels[n - 1 - i], cfg.layers_per_block + 1, heads[n - 1 - i], kind == "CrossAttnUpBlock2D",
                     resample=i < n - 1, **shared)
             for i, kind in enumerate(cfg.up_block_types)]
-        self.conv_norm_out = _group_norm(cfg.norm_num_groups, self.dtype, "conv_norm_out")
+        self.conv_norm_out = _group_norm(cfg.norm_num_groups, self.dtype, "conv_norm_out", silu=True)
         self.conv_out = _conv(cfg.out_channels, 3, self.dtype, "conv_out")
 
     def __call__(self, x, t, context, *, train: bool = False):
@@ -325,7 +327,7 @@ class UNet(nn.Module):
         for i, block in enumerate(self.up_blocks):
             x = features[f"up_{i}"] = block(x, tuple(skips[-block.num_layers:]), temb, context, deterministic)
             del skips[-block.num_layers:]
-        x = self.conv_out(nn.silu(self.conv_norm_out(x)))  # [B, H, W, out_channels]
+        x = self.conv_out(self.conv_norm_out(x))  # [B, H, W, out_channels]
 
         eps = x.astype(jnp.float32)
         assert eps.shape == (b, h, w, cfg.out_channels), eps.shape
