@@ -153,6 +153,48 @@ class Transformer2D(nn.Module):
         return y + x
 
 
+def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv3x3(nearest_upsample_2x(x), kernel)`` (padding 1, no bias) in 16/36 of its multiply-adds.
+
+    After a nearest 2x upsampling each output pixel of the 3x3 conv sees only a 2x2 window of ``x``:
+    output row ``2i`` reads rows ``i-1`` (tap 0) and ``i`` (taps 1+2), row ``2i+1`` reads rows ``i`` (taps
+    0+1) and ``i+1`` (tap 2), and likewise for columns. So one 2x2 conv of the padded ``x`` with the four
+    phases' summed kernels as 4 x Cout outputs, then interleaving the phases, gives the same result
+    without ever building the 4x larger upsampled image (the sub-pixel convolution).
+
+    Args:
+      x: ``[B, H, W, Cin]``.
+      kernel: ``[3, 3, Cin, Cout]`` (HWIO, flax's layout), the parameter of the conv after upsampling.
+
+    Returns:
+      ``[B, 2H, 2W, Cout]``.
+    """
+    b, h, w, _ = x.shape
+    cout = kernel.shape[-1]
+    rows = (jnp.stack([kernel[0], kernel[1] + kernel[2]]), jnp.stack([kernel[0] + kernel[1], kernel[2]]))
+    phases = [jnp.stack([r[:, 0], r[:, 1] + r[:, 2]], axis=1) if col == 0 else
+              jnp.stack([r[:, 0] + r[:, 1], r[:, 2]], axis=1) for r in rows for col in (0, 1)]
+    k2 = jnp.concatenate(phases, axis=-1)  # [2, 2, Cin, 4 Cout], phases (row, col) = 00, 01, 10, 11
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = jax.lax.conv_general_dilated(xp, k2, (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [B, H+1, W+1, 4 Cout]
+    y = jnp.stack([jnp.stack([out[:, a:a + h, c:c + w, (2 * a + c) * cout:(2 * a + c + 1) * cout]
+                              for c in (0, 1)], axis=3) for a in (0, 1)], axis=2)  # [B, H, 2, W, 2, Cout]
+    return y.reshape(b, 2 * h, 2 * w, cout)
+
+
+class _UpsampleConv(nn.Module):
+    """nn.Conv's parameters (3x3 ``kernel``, ``bias``) applied after a nearest 2x upsampling, by :func:`upsample_conv`."""
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class _Resample(nn.Module):
     """3x3 conv after nearest 2x upsampling (`up`) or with stride 2 (down)."""
     channels: int
@@ -162,8 +204,8 @@ class _Resample(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.up:
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
-        return _conv(self.channels, 3, self.dtype, "conv", stride=1 if self.up else 2)(x)
+            return _UpsampleConv(self.channels, self.dtype, name="conv")(x)  # [B, 2H, 2W, C]
+        return _conv(self.channels, 3, self.dtype, "conv", stride=2)(x)
 
 
 class _BlockSettings(nn.Module):
