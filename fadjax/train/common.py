@@ -200,14 +200,20 @@ def apply_gradients_if_finite(state: TrainState, grads, loss, *, lr, ema_decay=N
     """
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
-    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, **extra)
-    if ema_decay is not None:
-        decay = ema_decay_at(state.step, ema_decay, warmup=ema_warmup)
-        new = new.replace(ema_params=jax.tree.map(
-            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new.params))
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+
+    def update(state):
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, **extra)
+        if ema_decay is not None:
+            decay = ema_decay_at(state.step, ema_decay, warmup=ema_warmup)
+            new = new.replace(ema_params=jax.tree.map(
+                lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new.params))
+        return new
+
+    # A conditional, not a select of old and new: XLA then updates the donated state in place (a select
+    # made it copy every parameter, Adam moment and EMA leaf first: 11.1 -> 8.0 ms at the cpu preset's size).
+    new = jax.lax.cond(finite, update, lambda state: state, state)
     # The step counter always advances so the host can name the failing step.
     new = new.replace(step=state.step + 1)
     return new, finite, grad_norm
