@@ -36,9 +36,23 @@ def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_sh
     return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)  # [B, dim]
 
 
-def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1) -> nn.Conv:
-    padding = "VALID" if kernel == 1 else ((1, 1), (1, 1))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
+class _Conv1x1(nn.Module):
+    """nn.Conv's 1x1 parameters (``kernel`` [1, 1, Cin, Cout], ``bias``) applied as a matrix product over
+    channels: the same values, 2-3x faster forward+backward than XLA's CPU convolution (2 cores)."""
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype)) + bias.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1) -> nn.Module:
+    if kernel == 1 and stride == 1:
+        return _Conv1x1(features, dtype, name=name)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((1, 1), (1, 1)), dtype=dtype,
                    param_dtype=jnp.float32, name=name)
 
 
