@@ -59,10 +59,11 @@ def get_config(arg=None):
         c.data.source = "demo:200"  # 5 procedural texture classes x 200 images (160 train / 40 validation each).
         c.num_devices = 1             # One device (a CPU).
         c.data.image_size = 16        # The judges see the generated size.
-        c.expert.width = 8            # ResNet18 stem width.
+        c.expert.width = 16           # ResNet18 stem width. At 8 (93-96% validation accuracy) its verdict on
+                                      # the same generated tiles swung from 61% to 57% between two trainings.
         c.expert.head_hidden = 16
         c.train.batch_size = 32
-        c.train.num_epochs = 20       # 500 steps, ~1000 img/s on 2 cores: 97-98% validation accuracy.
+        c.train.num_epochs = 20       # 500 steps, 22 s on 2 cores beside the pre-training: 97.5% validation accuracy.
         c.optim.lr = 3e-3             # From scratch: StepLR 0.7 from 1e-3 stalled at 75%.
         c.optim.schedule = "cosine"
         c.train.eval_every_epoch = 10  # Two validations (best checkpoint kept).
@@ -105,7 +106,7 @@ def get_config(arg=None):
     if "judge2" in variants:  # The second judge: never an alignment target.
         c.seed = 1  # Another seed ...
         if "demo" in variants:
-            c.expert.width = 16  # ... and twice the width (ResNet34 from scratch reached 84% here).
+            c.expert.width = 32  # ... and twice the width (ResNet34 from scratch reached 84% here).
         elif "fast" in variants:
             c.expert.arch = "resnet18"  # ... and another architecture than the expert's.
         else:
