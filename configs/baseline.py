@@ -150,7 +150,7 @@ def get_config(arg=None):
         c.sample.sampler = "ddpm"                 # DDPM beat DDIM at this training length (70% vs 51%).
         c.sample.steps = 25                       # As good as 50 and 100 here (69%, 68%, 72%).
         c.sample.guidance_scale = 5.0             # Classifier-free guidance: 35% at 1.5, 52% at 3, 60% at 5, 62% at 8
-                                                  # (the expert on one baseline run, 2026-12-06).
+                                                  # (the expert on one baseline run of the earlier (16,32,64) U-Net, 2026-12-06).
         c.sample.num_per_class = 4
         c.sample.seeds = "0-4"
         c.sample.batch_size = 100
