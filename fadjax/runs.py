@@ -48,7 +48,8 @@ def merge_params(target, source, *, source_name: str = "", **kw) -> Any:
     """``target`` with every leaf that ``source`` has at the same path and shape replaced.
 
     Leaves that differ in shape (e.g. a conditioning table with extra rows) keep as many
-    leading rows of the source as fit; leaves missing from the source stay as initialised.
+    leading rows of the source as fit; leaves missing from the source stay as initialised. Source
+    leaves the target lacks are named in a warning.
     """
     source_name = source_name or kw.get("source", "")
     flat_src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
@@ -75,6 +76,10 @@ def merge_params(target, source, *, source_name: str = "", **kw) -> Any:
     out = jax.tree_util.tree_map_with_path(pick, target)
     logging.info("initialised from %s: %d tensors copied, %d partially (%s), %d fresh (%s)",
                  source_name, copied, len(partial), partial, len(fresh), fresh[:8])
+    used = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+    unused = [k for k in flat_src if k not in used]
+    if unused:
+        logging.warning("%s has %d tensors this model does not (not used): %s", source_name, len(unused), unused[:8])
     return out
 
 

@@ -250,3 +250,13 @@ def test_bad_values_are_rejected_before_training(baseline, tmp_path, field, valu
     with pytest.raises(config_lib.ConfigError, match=match):
         train_lib.run(c, tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / dreambooth.PRIOR_FILE).exists()
+
+
+def test_fine_tuning_keeps_the_class_path_of_the_run_it_starts_from(baseline, tmp_path):
+    """init_from a run without model.class_to_time, with it on: refused naming the field (its class path
+    would otherwise start from random weights), before any step."""
+    c = db_config(baseline)
+    c.model.class_to_time = True
+    with pytest.raises(config_lib.ConfigError, match="config.model.class_to_time: True here, but the init_from run"):
+        train_lib.run(c, tmp_path / "db")
+    assert not (tmp_path / "db" / "checkpoints").exists() or not any((tmp_path / "db" / "checkpoints").iterdir())

@@ -185,6 +185,16 @@ def check_model(config, model=None) -> dict:
     return feat_shapes
 
 
+def _check_same_class_path(config, params, source_params) -> None:
+    """A run fine-tuned from another (``init_from``) has the class in its time embedding exactly when that
+    run had it: otherwise the class path would be dropped, or added with random weights, silently."""
+    ours, theirs = "class_embedding" in params["unet"], "class_embedding" in source_params["unet"]
+    if ours != theirs:
+        raise config_lib.ConfigError(
+            f"config.model.class_to_time: {ours} here, but the init_from run {config.init_from} was trained with "
+            f"class_to_time={theirs}; set the same")
+
+
 def _models(config, labels: build.LabelSpace):
     """(pretrained U-Net params or None, the run's DiffusionModel, its U-Net's feature shapes)."""
     unet_module = unet_params = None
@@ -344,6 +354,7 @@ def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict
                 params["proj"] = common.run_init(init_proj, k_proj)
             if config.init_from:
                 src = runs.load_diffusion_run(config.init_from, use_ema=False)
+                _check_same_class_path(config, params, src.params)
                 params = runs.merge_params(params, src.params, source_name=config.init_from)
                 params = task.init_params(model, params, src)
             state = jax.block_until_ready(jax.jit(make_state)(params))
