@@ -7,8 +7,9 @@ data, the config's shapes), runs it under ``jax.profiler`` and sums the time of 
 (the CPU runtime's thunks) over the traced steps. Each operation is grouped by what its HLO
 instruction computes: a convolution, a matrix product (attention, projections), a reduction
 (GroupNorm statistics, losses), element-wise work (with the broadcasts of its operands), data
-movement (copies, transposes, slices, pads, concatenations) or a loop (chunked attention, the sampler). Prints a table and writes ``OUT/profile.json``;
-the raw trace is in ``OUT/trace``, the compiled program in ``OUT/program.hlo``.
+movement (copies, transposes, slices, pads, concatenations) or a loop (chunked attention, the
+sampler). Prints a table and writes ``OUT/profile.json``; the raw trace is in ``OUT/trace``, the
+compiled program in ``OUT/program.hlo``.
 """
 from __future__ import annotations
 

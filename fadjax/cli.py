@@ -63,7 +63,7 @@ class Flags(flags.FlagValues):
     def usage(self) -> str:
         """``usage: PROG [flags]`` and every flag with its help and default."""
         lines = [f"usage: {self.prog} [flags]", ""]
-        for flag in sorted(set(self._flags().values()), key=lambda f: f.name):
+        for flag in sorted({self[name] for name in self}, key=lambda f: f.name):  # A short name is the same flag.
             default = "" if flag.default is None else f" (default: {flag.default_as_str})"
             lines.append(f"  --{flag.name}: {flag.help}{default}")
         return "\n".join(lines + ["", self.epilog] if self.epilog else lines)

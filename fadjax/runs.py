@@ -53,11 +53,12 @@ def merge_params(target, source, *, source_name: str = "", **kw) -> Any:
     """
     source_name = source_name or kw.get("source", "")
     flat_src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
-    copied, partial, fresh = 0, [], []
+    copied, partial, fresh, used = 0, [], [], set()
 
     def pick(path, leaf):
         nonlocal copied
         key = jax.tree_util.keystr(path)
+        used.add(key)
         src = flat_src.get(key)
         if src is None:
             fresh.append(key)
@@ -76,7 +77,6 @@ def merge_params(target, source, *, source_name: str = "", **kw) -> Any:
     out = jax.tree_util.tree_map_with_path(pick, target)
     logging.info("initialised from %s: %d tensors copied, %d partially (%s), %d fresh (%s)",
                  source_name, copied, len(partial), partial, len(fresh), fresh[:8])
-    used = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
     unused = [k for k in flat_src if k not in used]
     if unused:
         logging.warning("%s has %d tensors this model does not (not used): %s", source_name, len(unused), unused[:8])

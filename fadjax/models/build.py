@@ -71,11 +71,11 @@ def unet_config(config, *, channels: int):
     for key in ("attention_head_dim", "cross_attention_dim", "norm_num_groups", "layers_per_block"):
         if m.get(key) is not None:
             overrides[key] = int(m[key])
-    if m.get("class_to_time"):
-        overrides["class_embed_type"] = "projection"
-        overrides["projection_class_embeddings_input_dim"] = (
-            overrides.get("cross_attention_dim") or unet_config_lib.tiny_sd_config().cross_attention_dim)
-    return unet_config_lib.tiny_sd_config(**overrides)
+    cfg = unet_config_lib.tiny_sd_config(**overrides)
+    if m.get("class_to_time"):  # The class vector is the context's mean: the context's width.
+        cfg = dataclasses.replace(cfg, class_embed_type="projection",
+                                  projection_class_embeddings_input_dim=cfg.cross_attention_dim)
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,16 +23,26 @@ import jax
 import jax.numpy as jnp
 
 
+def _group_mean(per_channel: jax.Array, groups: int, n: int) -> jax.Array:
+    """[B, C] sums over the positions -> [B, G] means over each group's ``n`` elements."""
+    b = per_channel.shape[0]
+    return per_channel.reshape(b, groups, -1).sum(-1) / n
+
+
+def _over_channels(per_group: jax.Array, channels: int) -> jax.Array:
+    """[B, G] -> [B, 1, 1, C]: each group's value repeated over its channels."""
+    return jnp.repeat(per_group, channels // per_group.shape[1], axis=1)[:, None, None, :]
+
+
 def _stats(x: jax.Array, groups: int, eps: float):
     """Mean and 1/std of each (image, group), each [B, 1, 1, C] (repeated over the group's channels)."""
     b, h, w, c = x.shape
     flat = x.reshape(b, h * w, c)
     n = h * w * (c // groups)
-    mean = jnp.sum(flat, axis=1).reshape(b, groups, -1).sum(-1) / n  # [B, G]
-    mean_sq = jnp.sum(flat * flat, axis=1).reshape(b, groups, -1).sum(-1) / n
+    mean = _group_mean(jnp.sum(flat, axis=1), groups, n)
+    mean_sq = _group_mean(jnp.sum(flat * flat, axis=1), groups, n)
     rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + eps)
-    rep = lambda a: jnp.repeat(a, c // groups, axis=1)[:, None, None, :]  # noqa: E731
-    return rep(mean), rep(rstd)
+    return _over_channels(mean, c), _over_channels(rstd, c)
 
 
 def _forward(x, scale, bias, groups, eps, silu):
@@ -63,10 +73,9 @@ def _bwd(groups, eps, silu, res, g):
     sum_g = jnp.sum(g.reshape(b, h * w, c), axis=1)  # [B, C]
     sum_gx = jnp.sum((g * xhat).reshape(b, h * w, c), axis=1)  # [B, C]
     n = h * w * (c // groups)
-    mean_g = (sum_g * scale).reshape(b, groups, -1).sum(-1) / n  # [B, G]
-    mean_gx = (sum_gx * scale).reshape(b, groups, -1).sum(-1) / n
-    rep = lambda a: jnp.repeat(a, c // groups, axis=1)[:, None, None, :]  # noqa: E731
-    dx = rstd * (g * scale - rep(mean_g) - xhat * rep(mean_gx))
+    mean_g = _group_mean(sum_g * scale, groups, n)  # [B, G]
+    mean_gx = _group_mean(sum_gx * scale, groups, n)
+    dx = rstd * (g * scale - _over_channels(mean_g, c) - xhat * _over_channels(mean_gx, c))
     return dx, jnp.sum(sum_gx, 0), jnp.sum(sum_g, 0)
 
 

@@ -189,11 +189,13 @@ def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Returns:
       ``[B, 2H, 2W, Cout]``.
     """
+    def fold(k, axis):  # The two phases' 2-tap kernels along `axis`: (tap 0, taps 1+2), (taps 0+1, tap 2).
+        t0, t1, t2 = (jnp.take(k, i, axis=axis) for i in range(3))
+        return jnp.stack([t0, t1 + t2], axis=axis), jnp.stack([t0 + t1, t2], axis=axis)
+
     b, h, w, _ = x.shape
     cout = kernel.shape[-1]
-    rows = (jnp.stack([kernel[0], kernel[1] + kernel[2]]), jnp.stack([kernel[0] + kernel[1], kernel[2]]))
-    phases = [jnp.stack([r[:, 0], r[:, 1] + r[:, 2]], axis=1) if col == 0 else
-              jnp.stack([r[:, 0] + r[:, 1], r[:, 2]], axis=1) for r in rows for col in (0, 1)]
+    phases = [p for rows in fold(kernel, 0) for p in fold(rows, 1)]
     k2 = jnp.concatenate(phases, axis=-1)  # [2, 2, Cin, 4 Cout], phases (row, col) = 00, 01, 10, 11
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     out = jax.lax.conv_general_dilated(xp, k2, (1, 1), "VALID",
