@@ -66,6 +66,13 @@ def get_config(arg=None):
     # usual DDPM practice, matching the samplers' clip of the predicted x0 to [-1, 1]). Data and
     # samples stay in [0, 1] outside the model; the expert always sees its own [0, 1] range.
     c.diffusion.data_range = "[0,1]"
+    # What the U-Net predicts: "epsilon" (the noise; DDPM, the paper) or "v_prediction" (Salimans & Ho 2022,
+    # v = sqrt(abar) eps - sqrt(1-abar) x0). Every sampler reads the run's choice.
+    c.diffusion.prediction = "epsilon"
+    # Per-example weight of the denoising MSE: "none" (the plain mean, the paper) or "min_snr" (Hang et al.
+    # 2023: min(SNR, snr_gamma)/SNR for epsilon, min(SNR, snr_gamma)/(SNR+1) for v).
+    c.diffusion.loss_weighting = "none"
+    c.diffusion.snr_gamma = 5.0  # The gamma of "min_snr" (the paper of min-SNR: 5).
 
     c.align = ml_collections.ConfigDict()
     c.align.enabled = False  # Feature alignment on (False = the baseline; configs/feature_aligned.py sets it).
@@ -93,14 +100,25 @@ def get_config(arg=None):
     # EMA warm-up: the decay at step t is min(ema_decay, (1 + t) / (10 + t)), so a short run's EMA is
     # not mostly its initialisation (False: the fixed decay from step 0).
     c.train.ema_warmup = True
+    # Power-function EMA (EDM2, Karras et al. 2024) of relative length sigma_rel (e.g. 0.1) when > 0: its
+    # averaging window grows with the run, a share of the steps taken so far; it replaces ema_decay (and
+    # its warm-up). 0 = off.
+    c.train.ema_sigma_rel = 0.0
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddpm"  # "ddpm" (all training steps, the paper) or "ddim".
-    c.sample.steps = placeholder(int)  # Sampling steps (None = all training steps for DDPM, 50 for DDIM).
+    # "ddpm" (all training steps, the paper), "ddim", "dpmpp_2m" (DPM-Solver++ 2M), "euler" or "heun" (EDM's
+    # deterministic samplers on Karras sigmas; heun calls the U-Net twice a step). See fadjax/sampling.py.
+    c.sample.sampler = "ddpm"
+    # Sampling steps (None = all training steps for DDPM, 50 for DDIM, 25 for dpmpp_2m, euler and heun).
+    c.sample.steps = placeholder(int)
+    c.sample.karras_sigmas = False  # dpmpp_2m on Karras sigmas (rho 7); euler and heun always use them.
     c.sample.num_per_class = 10  # Images per class and seed (the paper: 10).
     c.sample.seeds = "0-14"  # Seeds shared by every compared model (the paper: 15).
     c.sample.exclude_classes = "empty"  # Comma-separated classes not generated (the paper drops "empty").
     c.sample.guidance_scale = 1.0  # Classifier-free guidance (needs cond.label_dropout > 0 in training).
+    # Guide only at noise levels sigma = sqrt((1-abar)/abar) in (lo, hi], "lo,hi" such as "0.28,2.9"
+    # (Kynkäänniemi et al. 2024), plain conditional elsewhere; None = at every step.
+    c.sample.guidance_interval = placeholder(str)
     c.sample.batch_size = 70  # Images per compiled sampling call.
 
     if "tiny" in variants:
@@ -171,16 +189,20 @@ def get_config(arg=None):
         c.train.num_steps = 4
         c.train.log_every = 2
         c.train.checkpoint_every = 4
+        c.train.keep_evenly = 4                   # Every step kept: the learning curves' points.
         c.sample.steps = 4                        # DDIM steps.
         c.sample.num_per_class = 3
         c.sample.seeds = "0-4"
         c.sample.batch_size = 32
-    if "cpu" in variants:  # The real tiles on 2 CPU cores (results/paper_cpu).
+    if "cpu" in variants:  # The real tiles on 2 CPU cores in 90 minutes end to end (results/paper_cpu).
         c.num_devices = 1
         c.data.image_size = 32
+        c.data.transpose = True                      # All 8 symmetries of a tile.
         c.diffusion.data_range = "[-1,1]"            # The usual DDPM practice (the reference: [0, 1]).
+        c.diffusion.prediction = "v_prediction"      # The recipe of docs/decisions.md (2026-12-08) ...
+        c.diffusion.loss_weighting = "min_snr"       # ... with min-SNR-5 weighting.
         c.model.block_out_channels = "16,32,64,128"  # Four levels: 32, 16, 8 and 4 px.
-        c.model.attention_levels = "2,3"             # Attention at 8x8 and 4x4 only: 58 img/s on 2 cores.
+        c.model.attention_levels = "2,3"             # Attention at 8x8 and 4x4 only.
         c.model.attention_head_dim = 4
         c.model.cross_attention_dim = 128
         c.model.norm_num_groups = 8
@@ -188,19 +210,21 @@ def get_config(arg=None):
         c.cond.label_dropout = 0.1                   # Trains the unconditional branch for guidance.
         c.train.batch_size = 32
         c.train.num_epochs = None
-        c.train.num_steps = 700                      # Each model's own steps after the shared pre-training.
+        c.train.num_steps = 300                      # Each model's own steps after the shared pre-training.
         c.optim.lr = 5e-4
         c.optim.schedule = "cosine"
         c.optim.warmup_steps = 20
-        c.train.ema_decay = 0.999                    # With the warm-up of train.ema_warmup.
+        c.train.ema_sigma_rel = 0.1                  # Power-function EMA: its length follows the run's.
         c.train.log_every = 50
-        c.train.checkpoint_every = 350
-        c.sample.sampler = "ddpm"
-        c.sample.steps = 25
+        c.train.checkpoint_every = 300
+        c.train.keep_evenly = 4                      # Checkpoints at 1/4, 1/2, 3/4, end: the learning curves.
+        c.sample.sampler = "dpmpp_2m"                # Chosen by FD on the validation split (docs/decisions.md).
+        c.sample.steps = 15
         c.sample.guidance_scale = 3.0
+        c.sample.guidance_interval = "0.28,5.4"      # Guided only at middle noise levels.
         c.sample.batch_size = 350                    # 1050 images per model in 3 compiled calls.
         if "pretrain" in variants:
-            c.train.num_steps = 3500  # The shared pre-training: 112k images (~30 epochs of 3680).
+            c.train.num_steps = 2000  # The shared pre-training: 64k images (~17 epochs of 3680).
             c.optim.lr = 1e-3
             c.optim.warmup_steps = 100
             c.train.checkpoint_every = 500

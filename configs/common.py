@@ -30,6 +30,9 @@ def data(image_size):
     d.manual_dir = placeholder(str)  # TFDS manual_dir (a manually placed archive, offline).
     d.hflip = True  # Random horizontal flips during training.
     d.vflip = True  # Random vertical flips during training.
+    # Random transposes during training: with both flips, all 8 symmetries of a square tile (histology has
+    # no orientation). Off by default: the paper's reference flips only.
+    d.transpose = False
     return d
 
 
@@ -57,6 +60,10 @@ def train(batch_size, num_epochs):
     t.log_every = 50  # Steps between metric logs (metrics.jsonl, TensorBoard, non-finite check).
     t.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
     t.keep_checkpoints = 3  # Number of most recent checkpoints kept.
+    # Also save and keep this many evenly spaced checkpoints (every ceil(total / N) steps, the last at the
+    # end), whatever keep_checkpoints says; e.g. 4: at 1/4, 1/2, 3/4 and the end of the run (the learning
+    # curves of fadjax.reproduce). None = none.
+    t.keep_evenly = placeholder(int)
     t.progress = True  # Progress bar with ETA on a terminal (process 0).
     # Resume a workdir even though this config changes what it trained (model, data, optimizer, seed,
     # ...); the changes are recorded in run.json. False: such a rerun stops naming each changed field.

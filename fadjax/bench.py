@@ -470,10 +470,12 @@ def search_max_batch(config, *, start: int, timing: Timing, time_budget_s: float
 
 def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, timing: Timing,
                  num_classes: int = 8, config_name: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Compiles and times the batched sampler (one jitted loop of ``steps`` U-Net calls) at ``batch``.
+    """Compiles and times the batched sampler (one jitted loop of ``steps`` steps) at ``batch``, with the
+    config's prediction type, Karras sigmas and guidance interval.
 
-    ``flops_model`` is ``steps`` times the FLOPs of one U-Net call at that batch (XLA attention),
-    because the compiled loop's cost analysis counts its body once.
+    ``flops_model`` is the number of U-Net calls (``steps``; ``2 * steps - 1`` for Heun) times the FLOPs of
+    one call at that batch (XLA attention), because the compiled loop's cost analysis counts its body once;
+    it counts every call as guided, also outside a guidance interval.
     """
     from fadjax import sampling
     from fadjax.models import build
@@ -500,11 +502,16 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
     keys = sampling.image_keys(seed, np.arange(batch))
     static = dict(eps_fn=eps_fn, shape=(size, size, channels), sampler=sampler, steps=len(ts), eta=0.0,
                   guidance_scale=guidance, null_label=labels_space.null_label if guidance != 1.0 else None,
-                  clip_sample=True)
+                  clip_sample=True, prediction=config.diffusion.get("prediction", "epsilon"),
+                  karras_sigmas=bool(config.sample.get("karras_sigmas", False)) and sampler == "dpmpp_2m")
+    interval = config_lib.parse_guidance_interval(config.sample.get("guidance_interval"))
+    interval = None if interval is None or guidance == 1.0 else jnp.asarray(interval, jnp.float32)
+    model_calls = 2 * len(ts) - 1 if sampler == "heun" else len(ts)
     t0 = time.perf_counter()
     # The sampler's own jitted loop (what sampling.sample calls), lowered to time it without compiling.
     with record_attention() as calls:
-        lowered = sampling._sample_jit.lower(params=params, schedule=schedule, labels=labels, keys=keys, **static)
+        lowered = sampling._sample_jit.lower(params=params, schedule=schedule, labels=labels, keys=keys,
+                                             guidance_interval=interval, **static)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     info = inspect_compiled(compiled, calls)
@@ -517,19 +524,19 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
     t = jax.ShapeDtypeStruct((evals,), jnp.int32)
     y = jax.ShapeDtypeStruct((evals,), jnp.int32)
     per_eval = _cost(jax.jit(xla_eps).lower(params, x, t, y)).get("flops")
-    flops_model = per_eval * len(ts) if per_eval else None
+    flops_model = per_eval * model_calls if per_eval else None
 
     box = {}
 
     def run(n):
         for _ in range(n):
-            box["x"] = compiled(params=params, schedule=schedule, labels=labels, keys=keys)
+            box["x"] = compiled(params=params, schedule=schedule, labels=labels, keys=keys, guidance_interval=interval)
         jax.block_until_ready(box["x"])
 
     per_call = _time(run, timing)
     call_s = statistics.median(per_call)
     extra = {"config_name": config_name, "sampler": sampler, "steps": len(ts),
-             "guidance_scale": guidance, "unet_evals_per_s": round(len(ts) / call_s, 3),
+             "guidance_scale": guidance, "unet_evals_per_s": round(model_calls / call_s, 3),
              "img_per_s_at_1000_steps": round(batch * len(ts) / call_s / 1000, 5),
              "finite": bool(np.isfinite(np.asarray(box["x"])).all()),
              "params": sum(v.size for v in jax.tree.leaves(params)),

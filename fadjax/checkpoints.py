@@ -88,9 +88,20 @@ class Checkpointer:
     """An orbax ``CheckpointManager`` holding ``state`` (a pytree) and ``meta`` (JSON) per step."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, best_mode: str | None = None,
-                 read_only: bool = False):
+                 read_only: bool = False, keep_period: int | None = None):
+        """Opens (or creates) ``directory``.
+
+        Args:
+          directory: the checkpoint folder (one sub-folder per step).
+          keep: the most recent steps kept (the best ones with ``best_mode``).
+          best_mode: "max" or "min" of the ``metric`` given to :meth:`save`; None = keep the latest.
+          read_only: never create, save or delete.
+          keep_period: steps that are multiples of it are kept as well, whatever ``keep`` says
+            (:func:`even_period`; the training loop also saves them).
+        """
+        self.keep_period = int(keep_period) if keep_period else None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
+            max_to_keep=keep, keep_period=self.keep_period, create=not read_only, read_only=read_only,
             best_fn=(lambda m: m["metric"]) if best_mode else None,
             best_mode=best_mode or "max", keep_checkpoints_without_metrics=best_mode is None,
             enable_async_checkpointing=False)
@@ -212,6 +223,28 @@ class Checkpointer:
         self.wait()
         with _ORBAX:
             self.manager.close()
+
+
+def even_period(total: int, points: int | None) -> int | None:
+    """Steps between ``points`` evenly spaced checkpoints of a ``total``-step run: ``ceil(total / points)``.
+
+    Its multiples up to ``total``, and ``total`` itself, are :func:`even_steps`; None when ``points`` is None.
+
+    Raises:
+      ValueError: ``points`` < 1 or ``total`` < 1.
+    """
+    if points is None:
+        return None
+    if int(points) < 1 or int(total) < 1:
+        raise ValueError(f"evenly kept checkpoints need points >= 1 and total >= 1 steps, got {points} and {total}")
+    return -(-int(total) // int(points))
+
+
+def even_steps(total: int, points: int) -> list[int]:
+    """The steps of ``points`` evenly spaced checkpoints: the multiples of :func:`even_period` below ``total``,
+    then ``total`` (e.g. 700 steps, 4 points: 175, 350, 525, 700; 10 steps, 4 points: 3, 6, 9, 10)."""
+    k = even_period(total, points)
+    return [s for s in range(k, int(total), k)] + [int(total)]
 
 
 def saved_steps(directory: pathlib.Path) -> list[int]:

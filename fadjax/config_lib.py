@@ -24,8 +24,10 @@ COND_MODES = ("class_embed", "clip")
 EXPERT_INPUTS = ("noisy", "clean")
 ALIGN_MODES = ("pooled", "tokens")  # fadjax.align.MODES
 PROJECTORS = ("linear", "mlp")  # fadjax.align.PROJECTORS
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")  # fadjax.sampling.SAMPLERS
 DATA_RANGES = ("[0,1]", "[-1,1]")  # fadjax.diffusion.DATA_RANGES
+PREDICTIONS = ("epsilon", "v_prediction")  # fadjax.diffusion.PREDICTIONS
+LOSS_WEIGHTINGS = ("none", "min_snr")  # fadjax.diffusion.LOSS_WEIGHTINGS
 ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.attention.ATTENTION_IMPLEMENTATIONS
 
 
@@ -87,6 +89,24 @@ def parse_names(s: str | None) -> list[str] | None:
     return names or None
 
 
+def parse_guidance_interval(spec) -> tuple[float, float] | None:
+    """``"0.28,2.9"`` -> ``(0.28, 2.9)`` (``hi`` may be ``inf``); None, "" or "none" -> None.
+
+    Raises:
+      ValueError: not two numbers ``0 <= lo < hi``.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return None
+    parts = str(spec).replace(" ", "").split(",") if isinstance(spec, str) else list(spec)
+    try:
+        lo, hi = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{spec!r} is not 'sigma_lo,sigma_hi'") from None
+    if not 0.0 <= lo < hi:  # Also refuses NaN.
+        raise ValueError(f"{spec!r}: need 0 <= sigma_lo < sigma_hi")
+    return lo, hi
+
+
 def parse_seeds(spec: str | int) -> list[int]:
     """``"0-14"`` -> 0..14, ``"0,3,5"`` -> [0, 3, 5], ``"4"`` -> [4]."""
     out: list[int] = []
@@ -135,6 +155,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.batch_size > 0, "train.batch_size", f"{t.batch_size} must be > 0")
     _check(t.log_every > 0, "train.log_every", f"{t.log_every} must be > 0")
     _check(t.checkpoint_every > 0, "train.checkpoint_every", f"{t.checkpoint_every} must be > 0")
+    _check(t.get("keep_evenly") is None or t.keep_evenly >= 1, "train.keep_evenly",
+           f"{t.get('keep_evenly')} must be >= 1")
     o = config.optim
     _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
     _check(o.schedule in LR_SCHEDULES, "optim.schedule", f"{o.schedule!r} is not one of {LR_SCHEDULES}")
@@ -154,6 +176,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(df.loss_weight >= 0, "diffusion.loss_weight", f"{df.loss_weight} must be >= 0")
     _check(df.get("data_range", "[0,1]") in DATA_RANGES, "diffusion.data_range",
            f"{df.get('data_range')!r} is not one of {DATA_RANGES}")
+    _check(df.get("prediction", "epsilon") in PREDICTIONS, "diffusion.prediction",
+           f"{df.get('prediction')!r} is not one of {PREDICTIONS}")
+    _check(df.get("loss_weighting", "none") in LOSS_WEIGHTINGS, "diffusion.loss_weighting",
+           f"{df.get('loss_weighting')!r} is not one of {LOSS_WEIGHTINGS}")
+    _check(df.get("snr_gamma", 5.0) > 0, "diffusion.snr_gamma", f"{df.get('snr_gamma')} must be > 0")
+    t = config.train
+    sigma_rel = t.get("ema_sigma_rel", 0.0)
+    _check(0.0 <= sigma_rel < 0.28, "train.ema_sigma_rel",
+           f"{sigma_rel} must be in [0, 0.28) (EDM2's relative EMA length, 0.05-0.15 is usual; 0 = off)")
     m = config.model
     try:
         levels = parse_int_list(m.get("attention_levels"))
@@ -183,6 +214,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "--config configs/expert.py --workdir runs/expert`, then pass --config.align.expert_workdir=runs/expert")
     s = config.sample
     _check(s.sampler in SAMPLERS, "sample.sampler", f"{s.sampler!r} is not one of {SAMPLERS}")
+    _check(isinstance(s.get("karras_sigmas", False), bool), "sample.karras_sigmas",
+           f"{s.get('karras_sigmas')!r} must be True or False")
+    try:
+        parse_guidance_interval(s.get("guidance_interval"))
+    except ValueError as e:
+        raise ConfigError(f"config.sample.guidance_interval: {e}") from None
     try:
         parse_seeds(s.seeds)
     except ValueError as e:

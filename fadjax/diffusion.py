@@ -115,3 +115,65 @@ def from_model_range(x: jax.Array, data_range: str) -> jax.Array:
     """Inverse of :func:`to_model_range`: diffused images (or noisy ``x_t``) -> the [0, 1] scale."""
     _check_range(data_range)
     return x if data_range == "[0,1]" else 0.5 * (x + 1.0)
+
+
+# What the U-Net predicts (config ``diffusion.prediction``): "epsilon" (the noise, DDPM and the paper) or
+# "v_prediction" (``v = sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022), diffusers' names.
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+
+def v_target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """The velocity ``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` (diffusers' ``get_velocity``)."""
+    abar = _per_example(schedule.alphas_cumprod, t, x0.ndim)
+    return jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * x0
+
+
+def training_target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array, prediction: str) -> jax.Array:
+    """What the model is trained to output: the noise (``epsilon``) or :func:`v_target`."""
+    _check_prediction(prediction)
+    return noise if prediction == "epsilon" else v_target(schedule, x0, t, noise)
+
+
+def split_prediction(schedule: Schedule, x_t: jax.Array, t: jax.Array, out: jax.Array,
+                     prediction: str) -> tuple[jax.Array, jax.Array]:
+    """The model's output ``out`` at ``(x_t, t)`` as ``(x0, eps)``, computed directly from ``out`` for each
+    prediction type (as diffusers' schedulers do: v's x0 = ``sqrt(abar) x_t - sqrt(1-abar) v``, no division).
+
+    ``t`` is ``[B]`` int (or a scalar, broadcast over the batch).
+    """
+    _check_prediction(prediction)
+    t = jnp.broadcast_to(t, x_t.shape[:1])
+    abar = _per_example(schedule.alphas_cumprod, t, x_t.ndim)
+    if prediction == "epsilon":
+        return (x_t - jnp.sqrt(1.0 - abar) * out) / jnp.sqrt(abar), out
+    return jnp.sqrt(abar) * x_t - jnp.sqrt(1.0 - abar) * out, jnp.sqrt(abar) * out + jnp.sqrt(1.0 - abar) * x_t
+
+
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` at integer timesteps ``t``."""
+    abar = schedule.alphas_cumprod[t]
+    return abar / (1.0 - abar)
+
+
+# Per-example weighting of the denoising MSE (config ``diffusion.loss_weighting``): "none" (the plain mean,
+# DDPM and the paper) or "min_snr" (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting":
+# ``min(SNR, gamma) / SNR`` on the epsilon MSE, ``min(SNR, gamma) / (SNR + 1)`` on the v MSE; both equal
+# ``min(SNR, gamma)`` times the x0 MSE).
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def loss_weight(schedule: Schedule, t: jax.Array, *, weighting: str, prediction: str, gamma: float = 5.0) -> jax.Array:
+    """``[B]`` weight of each example's MSE at timesteps ``t`` (ones for ``weighting="none"``)."""
+    _check_prediction(prediction)
+    if weighting == "none":
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss_weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+    s = snr(schedule, t)
+    clipped = jnp.minimum(s, gamma)
+    return clipped / s if prediction == "epsilon" else clipped / (s + 1.0)

@@ -12,7 +12,9 @@ With ``--utility`` (and ``--generated``) it also measures whether the synthetic 
 (:mod:`fadjax.utility`): TSTR/TRTR accuracy, augmentation gain, and Fréchet distance and
 precision/recall in the pooled features of the judge given by ``--judge2_workdir`` (the expert
 when none is given), with classifiers of that judge's architecture and recipe. They go to
-``OUT/metrics.json`` under ``utility`` and to ``OUT/utility.png``::
+``OUT/metrics.json`` under ``utility`` and to ``OUT/utility.png``; the memorisation check
+(:mod:`fadjax.memorisation`: nearest training tiles of the generated vs the validation tiles) goes
+under ``memorisation`` and to ``OUT/memorisation.png``::
 
     python -m fadjax.evaluate --generated gens/fad --expert_workdir runs/expert \
         --judge2_workdir runs/judge2 --out reports/fad --utility --utility_seeds 3 --augment_fraction 0.1
@@ -347,12 +349,15 @@ def generated_arrays(generated_dir: str, class_names: Sequence[str]) -> tuple[np
 
 def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "judge2", seeds: Sequence[int] = (0, 1, 2),
                      augment_fraction: float = 0.1, spec_overrides: dict | None = None,
-                     cache: dict | None = None) -> dict:
+                     cache: dict | None = None, memorisation: bool = True) -> dict:
     """Utility metrics (:func:`fadjax.utility.utility_metrics`) of one folder of generations.
 
     Real data: the judge's own training and validation splits (its data source and split records).
     Adds them to ``out/metrics.json`` under ``utility`` (creating it when absent) and draws
-    ``out/utility.png``.
+    ``out/utility.png``. With ``memorisation``, also the memorisation check
+    (:func:`fadjax.memorisation.memorisation_metrics`: each generated tile's distance to its nearest
+    training tile, in pixels and the judge's pooled features, against the validation tiles'): under
+    ``memorisation`` in ``out/metrics.json``, the closest pairs in ``out/memorisation.png``.
 
     Args:
       generated_dir: output folder of ``fadjax.sample``.
@@ -362,10 +367,12 @@ def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "
       seeds: classifier seeds.
       augment_fraction: share of the real training split in the augmentation experiment.
       spec_overrides: :class:`fadjax.utility.ClassifierSpec` fields to override (e.g. ``epochs``).
-      cache: shared between calls on one judge: its real-data reference classifiers train once.
+      cache: shared between calls on one judge: its real-data reference classifiers train once (and the
+        real tiles' features and nearest-training distances of the memorisation check are computed once).
+      memorisation: also run the memorisation check.
 
     Returns:
-      The utility dict.
+      The utility dict (the memorisation record is in ``out/metrics.json`` only).
     """
     from fadjax import utility
     images, labels, gen_seeds = generated_arrays(generated_dir, judge.class_names)
@@ -384,8 +391,13 @@ def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "
         with open(path) as f:
             metrics_all = json.load(f)
     metrics_all["utility"] = result
-    _write_metrics(out, metrics_all)
     run_name = os.path.basename(os.path.normpath(generated_dir))
+    if memorisation:
+        metrics_all["memorisation"] = _memorisation(generated_dir, images, labels, real_train, real_val, judge,
+                                                    judge_role, out, run_name, cache)
+    else:
+        metrics_all.pop("memorisation", None)  # Not a stale record of other generations.
+    _write_metrics(out, metrics_all)
     plots.utility({run_name: result}, os.path.join(out, "utility.png"),
                   title=f"Utility of {run_name}'s images (judge: {judge_role})")
     t, g, fd = result["tstr_accuracy"], result["augment_gain"], result["fd_judge2"]
@@ -394,6 +406,40 @@ def evaluate_utility(generated_dir: str, judge, out: str, *, judge_role: str = "
                  100 * g["mean"], fd["value"], result["real_vs_real"]["fd_judge2"]["mean"],
                  result["precision"]["value"], result["recall"]["value"], out)
     return result
+
+
+def _memorisation(generated_dir: str, images, labels, real_train, real_val, judge, judge_role: str, out: str,
+                  run_name: str, cache: dict | None) -> dict:
+    """The memorisation check of one folder of generations against the judge's training split; draws
+    ``out/memorisation.png``. Validation tiles: those of the generated classes."""
+    from fadjax import memorisation as memo_lib
+    from fadjax import utility
+    val_x, val_y = real_val
+    val_x = np.asarray(val_x)[np.isin(np.asarray(val_y), np.unique(labels))]
+    train_x = np.asarray(real_train[0])
+    m = memo_lib.memorisation_metrics(images, train_x, val_x, features=lambda x: utility.pooled_features(judge, x),
+                                      feature_name="judge2", cache=cache)
+    m["feature_space"] = f"pooled features of {judge_role} ({judge.workdir})"
+    m["train_split"] = "the judge's training split"
+    manifest = read_manifest(generated_dir)
+    m["same_split_as_generator"] = memo_lib.generator_split_matches(manifest.get("workdir"), judge.split)
+    files, train_idx = judge.split.get("files"), judge.split.get("train_idx")
+    for pair in m["closest_pairs"]:  # Which files: the generated image and the training tile it is nearest.
+        pair["generated_file"] = manifest["images"][pair["generated"]]["file"]
+        pair["train_file"] = files[train_idx[pair["train"]]] if files and train_idx else None
+    if m["same_split_as_generator"] is False:
+        logging.warning("memorisation: %s was trained on another split than the judge's; the distances are to "
+                        "the judge's training split", run_name)
+    memo_lib.closest_pairs_figure(images, train_x, m["closest_pairs"], os.path.join(out, memo_lib.FIGURE),
+                                  title=f"{run_name}: closest generated tiles to the training split (pixels)")
+    p, f = m["pixels"], m["judge2"]
+    logging.info("memorisation: near-copies %s%% in pixels, %s%% in judge features (validation tiles: %s%%, %s%%); "
+                 "median nearest-training distance %.3g in pixels (validation %s)",
+                 *(("n/a" if v is None else f"{100 * v:.1f}") for v in (
+                     p["near_copies_generated"], f["near_copies_generated"], p["near_copies_validation"],
+                     f["near_copies_validation"])), p["median_generated"],
+                 "n/a" if p["median_validation"] is None else f"{p['median_validation']:.3g}")
+    return metrics.json_safe(m)
 
 
 def _write_metrics(out: str, result: dict) -> None:

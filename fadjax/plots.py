@@ -200,3 +200,42 @@ def utility(results: Mapping[str, Mapping], path: str | os.PathLike, *, title: s
     axes[3].set_title("FD in the judge's pooled features\n(not Inception-FID)")
     fig.suptitle(title)
     _save(fig, path)
+
+
+def learning_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike, *, title: str,
+                    chance: float | None = None, xlabel: str = "training images seen",
+                    marks: Mapping[str, float] | None = None) -> None:
+    """FD and generation accuracy along training, one line per run (``fadjax.curves``), two panels.
+
+    Args:
+      series: ``series[run] = {"images_seen": [...], "fd": [...], "accuracy": [...]}`` (accuracy a fraction).
+      path: output PNG.
+      title: figure title.
+      chance: accuracy of guessing (a dotted line); None = none.
+      xlabel: the x axis.
+      marks: vertical dashed lines in both panels, ``{label: x}`` (e.g. where fine-tuning starts).
+
+    The FD axis is logarithmic when its values span more than a factor of 20 (early checkpoints are far).
+    """
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11.0, 4.0))
+    for name, s in series.items():
+        x = np.asarray(s["images_seen"], np.float64)
+        ax_fd.plot(x, s["fd"], marker="o", label=name)
+        ax_acc.plot(x, s["accuracy"], marker="o", label=name)
+    fds = [v for s in series.values() for v in s["fd"] if v is not None and v > 0]
+    if fds and max(fds) > 20 * min(fds):
+        ax_fd.set_yscale("log")
+    ax_fd.set_ylabel("FD to real validation (judge features)")
+    ax_fd.set_title("Fréchet distance (lower is better)")
+    if chance is not None:
+        ax_acc.axhline(chance, color="gray", linestyle=":", label="chance")
+    ax_acc.set_ylim(0.0, 1.05)
+    ax_acc.set_ylabel("generation accuracy")
+    ax_acc.set_title("generation accuracy (higher is better)")
+    for ax in (ax_fd, ax_acc):
+        for i, (label, x) in enumerate((marks or {}).items()):
+            ax.axvline(x, color="black", linestyle="--", linewidth=0.8, alpha=0.6, label=label if i == 0 else None)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)

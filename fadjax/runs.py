@@ -122,6 +122,11 @@ class DiffusionRun:
         return self.config.diffusion.get("data_range", "[0,1]")
 
     @property
+    def prediction(self) -> str:
+        """What the model predicts, ``"epsilon"`` or ``"v_prediction"`` (runs from before the field: epsilon)."""
+        return self.config.diffusion.get("prediction", "epsilon")
+
+    @property
     def condition_labels(self) -> dict[str, int]:
         """Label to sample each class with (DreamBooth runs use their identifier row)."""
         out = {n: i for i, n in enumerate(self.labels.class_names)}
@@ -130,7 +135,8 @@ class DiffusionRun:
 
     @functools.cached_property
     def eps_fn(self) -> Callable:
-        """Pure ``eps_fn(params, x, t, labels) -> eps``; one function per run, so jit caches stay warm."""
+        """Pure ``eps_fn(params, x, t, labels) -> output``: the U-Net's raw output, the noise or ``v`` as
+        :attr:`prediction` says (``t`` int or fractional); one function per run, so jit caches stay warm."""
         model, tf = self.model, self.text_features
 
         def eps_fn(params, x, t, labels):

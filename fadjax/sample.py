@@ -15,7 +15,8 @@ records the same settings. The reference code's brightness rejection filter is n
 
 Faults: one sampling run per OUT (``OUT/.lock``, see :mod:`fadjax.workdir`). ``OUT/sampling.json``
 records the settings; continuing a partial output (no manifest) with other settings stops naming
-each changed setting. A resumed run keeps the readable images it already wrote and samples again
+each changed setting (a setting an older fadjax did not record counts as None, its default). A
+resumed run keeps the readable images it already wrote and samples again
 any image that is missing or cannot be decoded (e.g. a PNG truncated by a full disk).
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fadjax import diffusion as diffusion_lib
 from fadjax import sampling
 from fadjax.data import pipeline
 from fadjax import workdir as workdir_lib
-from fadjax.config_lib import parse_names, parse_seeds
+from fadjax.config_lib import parse_guidance_interval, parse_names, parse_seeds
 
 IMAGE_ID_STRIDE = 100_000  # Image ids of class k are k * stride + i (i < stride).
 MANIFEST = "manifest.json"
@@ -57,6 +58,12 @@ def _readable(path: str) -> bool:
         return False
 
 
+def _same_settings(old: dict, new: dict) -> bool:
+    """Whether two settings records agree; a key one of them lacks counts as None (settings added later
+    record None at their default, so older outputs still match)."""
+    return all(old.get(k) == new.get(k) for k in set(old) | set(new))
+
+
 def _check_partial_output(out: str, settings: dict) -> bool:
     """Refuses to continue a partial ``out`` made with other settings; returns whether its images can be kept.
 
@@ -72,7 +79,7 @@ def _check_partial_output(out: str, settings: dict) -> bool:
     except ValueError:
         return False
     old = previous.get("settings", {})
-    if old == settings:
+    if _same_settings(old, settings):
         return bool(previous.get("keep_partial", False))
     if not os.path.exists(os.path.join(out, MANIFEST)):
         changed = "; ".join(f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
@@ -98,7 +105,7 @@ def default_classes(run) -> list[str]:
 def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes: Sequence[str] | None = None,
              sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
              guidance_scale: float | None = None, batch_size: int | None = None,
-             progress: bool = True) -> dict:
+             karras_sigmas: bool | None = None, guidance_interval=None, progress: bool = True) -> dict:
     """Samples ``num_per_class`` images per class and seed and writes them under ``out``.
 
     Args:
@@ -107,12 +114,17 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
       seeds: sampling seeds.
       num_per_class: images per class and seed.
       classes: class names to sample; ``None`` = all but ``config.sample.exclude_classes``.
-      sampler: ``ddpm`` or ``ddim``; ``None`` = ``config.sample.sampler``.
+      sampler: one of ``fadjax.sampling.SAMPLERS``; ``None`` = ``config.sample.sampler``.
       steps: sampling steps; ``None`` = ``config.sample.steps`` when ``sampler`` is the config's sampler,
-        else (or when that is ``None`` too) the sampler's default: all training steps (DDPM), 50 (DDIM).
+        else (or when that is ``None`` too) the sampler's default: all training steps (DDPM), 50 (DDIM),
+        25 (``dpmpp_2m``, ``euler``, ``heun``).
       eta: DDIM stochasticity.
       guidance_scale: classifier-free guidance; ``None`` = ``config.sample.guidance_scale``.
       batch_size: images per compiled call; ``None`` = ``config.sample.batch_size``.
+      karras_sigmas: ``dpmpp_2m`` on Karras sigmas; ``None`` = ``config.sample.karras_sigmas`` (False
+        when the run's config predates it).
+      guidance_interval: guide only where ``lo < sigma <= hi``: ``(lo, hi)`` or ``"lo,hi"``, ``"none"`` =
+        every step; ``None`` = ``config.sample.guidance_interval``.
       progress: show a progress bar over batches.
 
     Returns:
@@ -123,6 +135,12 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
         steps = cfg.get("steps")  # The config's steps go with the config's sampler only.
     sampler = sampler or cfg.sampler
     guidance_scale = float(cfg.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+    karras_sigmas = bool(cfg.get("karras_sigmas", False) if karras_sigmas is None else karras_sigmas)
+    try:
+        interval = parse_guidance_interval(cfg.get("guidance_interval") if guidance_interval is None
+                                           else guidance_interval)
+    except ValueError as e:
+        raise ValueError(f"guidance_interval {e}") from None
     batch_size = int(batch_size or cfg.batch_size)
     classes = list(classes) if classes else default_classes(run)
     seeds = [int(s) for s in seeds]
@@ -131,21 +149,24 @@ def generate(run, out: str, *, seeds: Sequence[int], num_per_class: int, classes
         raise ValueError(f"classes {unknown} are not classes of the run {run.workdir} ({run.class_names})")
     if not 1 <= num_per_class <= IMAGE_ID_STRIDE:
         raise ValueError(f"num_per_class must be in [1, {IMAGE_ID_STRIDE}], got {num_per_class}")
-    ts = sampling.timesteps(run.schedule.num_steps, sampler, steps)
+    num_steps = sampling.resolve_steps(run.schedule.num_steps, sampler, steps)
     settings = {
         "workdir": os.path.abspath(str(run.workdir)), "step": int(run.step), "used_ema": bool(run.used_ema),
-        "sampler": sampler, "steps": int(len(ts)), "eta": float(eta) if sampler == "ddim" else None,
+        "sampler": sampler, "steps": num_steps, "eta": float(eta) if sampler == "ddim" else None,
         "guidance_scale": guidance_scale, "null_label": run.null_label, "classes": classes,
         "num_per_class": int(num_per_class), "image_size": int(run.image_size), "channels": int(run.channels),
+        # None where they change nothing (and in records of older versions: see _same_settings).
+        "karras_sigmas": karras_sigmas if sampler == "dpmpp_2m" else None,
+        "guidance_interval": list(interval) if interval is not None and guidance_scale != 1.0 else None,
     }
     os.makedirs(out, exist_ok=True)
     with workdir_lib.WorkdirLock(out, what="sampling run"):
-        return _generate(run, out, settings, ts, seeds=seeds, classes=classes, num_per_class=num_per_class,
+        return _generate(run, out, settings, seeds=seeds, classes=classes, num_per_class=num_per_class,
                          sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
                          batch_size=batch_size, progress=progress)
 
 
-def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler, steps, eta, guidance_scale,
+def _generate(run, out, settings, *, seeds, classes, num_per_class, sampler, steps, eta, guidance_scale,
               batch_size, progress) -> dict:
     keep_partial = _check_partial_output(out, settings)
     if jax.process_index() == 0:
@@ -160,7 +181,7 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
         path = os.path.join(out, f"seed_{seed}", DONE)
         try:
             with open(path) as f:
-                return json.load(f) == settings
+                return _same_settings(json.load(f), settings)
         except (OSError, ValueError):
             return False
 
@@ -190,8 +211,10 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
         for c in classes:
             os.makedirs(os.path.join(out, f"seed_{s}", c), exist_ok=True)
     shape = (run.image_size, run.image_size, run.channels)
-    logging.info("sampling %d images (%s, %d steps, guidance %.2f) in batches of %d", len(draws), sampler,
-                 len(ts), guidance_scale, batch_size)
+    prediction = getattr(run, "prediction", "epsilon")  # Stand-in runs without the attribute predict noise.
+    logging.info("sampling %d images (%s, %d steps, guidance %.2f, interval %s, %s model) in batches of %d",
+                 len(draws), sampler, settings["steps"], guidance_scale, settings["guidance_interval"],
+                 prediction, batch_size)
     eps_fn = run.eps_fn  # Fetched once: compilations are cached per function object.
     # Several processes (jax.distributed) share the batches round-robin; every image depends only
     # on its (seed, class, index), so the split never changes a picture.
@@ -203,7 +226,9 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
             eps_fn, run.params, run.schedule, [run.condition_labels[c] for _, c, _ in padded],
             shape=shape, seed=[s for s, _, _ in padded],
             image_ids=[run.class_names.index(c) * IMAGE_ID_STRIDE + i for _, c, i in padded],
-            sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale, null_label=run.null_label)
+            sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale, null_label=run.null_label,
+            prediction=prediction, karras_sigmas=bool(settings["karras_sigmas"]),
+            guidance_interval=settings["guidance_interval"])
         images = sampling.to_uint8(diffusion_lib.from_model_range(x, run.data_range))  # [0, 1] -> uint8
         for (s, c, i), img in zip(chunk, images):
             _write_png(os.path.join(out, rel(s, c, i)), img)
@@ -225,6 +250,7 @@ def _generate(run, out, settings, ts, *, seeds, classes, num_per_class, sampler,
     manifest = dict(settings)
     manifest.update({
         "class_names": list(run.class_names),
+        "prediction": prediction,
         "seeds": seeds,
         "metrics_jsonl": os.path.join(settings["workdir"], "metrics.jsonl"),
         "image_id_rule": f"fold_in(key(seed), class_names.index(class) * {IMAGE_ID_STRIDE} + index)",
@@ -250,6 +276,9 @@ flags.DEFINE_integer("num_per_class", None, "Images per class and seed (default:
 flags.DEFINE_string("seeds", None, "E.g. 0-14 or 0,3,5 (default: the run's config).", flag_values=FLAGS)
 flags.DEFINE_string("classes", None, "Comma-separated class names (default: all but excluded).", flag_values=FLAGS)
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.", flag_values=FLAGS)
+flags.DEFINE_string("guidance_interval", None, "Guide only at noise levels sigma in (lo, hi]: 'lo,hi'; 'none' = "
+                    "every step (default: the run's config).", flag_values=FLAGS)
+flags.DEFINE_bool("karras_sigmas", None, "dpmpp_2m on Karras sigmas (default: the run's config).", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", None, "Images per compiled call.", flag_values=FLAGS)
 flags.DEFINE_bool("no_progress", False, "No progress bar.", flag_values=FLAGS)
 flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process sampling).", flag_values=FLAGS)
@@ -262,10 +291,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Samples (``argv`` without the program name; None = ``sys.argv[1:]``); returns the manifest.
 
     Raises:
-      SystemExit(2): a bad flag. A folder that is not a run, a busy or mismatched ``--out``: the
-        error (one line from ``cli.run``).
+      SystemExit(2): a bad flag. A folder that is not a run, a busy or mismatched ``--out``, a bad
+        ``--guidance_interval``: the error (one line from ``cli.run``).
     """
     args = FLAGS.parse(argv)
+    try:
+        parse_guidance_interval(args.guidance_interval)
+    except ValueError as e:
+        raise cli.UserError(f"--guidance_interval {e}") from None
     logging.set_verbosity(logging.INFO)
     from fadjax import distributed
     distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
@@ -276,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return generate(run, args.out, seeds=parse_seeds(args.seeds if args.seeds is not None else cfg.seeds),
                     num_per_class=args.num_per_class or cfg.num_per_class, classes=parse_names(args.classes),
                     sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                    batch_size=args.batch_size, progress=not args.no_progress)
+                    batch_size=args.batch_size, karras_sigmas=args.karras_sigmas,
+                    guidance_interval=args.guidance_interval, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def _read_holder(fd: int) -> str:
 
 # Fields that only observe a run or say where its inputs live: never drift.
 OBSERVE_FIELDS = frozenset({
-    "train.log_every", "train.checkpoint_every", "train.progress", "train.keep_checkpoints",
+    "train.log_every", "train.checkpoint_every", "train.progress", "train.keep_checkpoints", "train.keep_evenly",
     "train.eval_batch_size", "train.allow_config_change",
     "parallel", "num_devices",  # Every step's batch is drawn globally: the topology does not change it.
     "data.cache", "data.data_dir", "data.manual_dir",

@@ -41,7 +41,12 @@ def test_defaults_are_the_papers_and_variants_change_only_their_fields():
     assert (tokens.align.mode, tokens.align.projector, tokens.align.expert_feature, tokens.align.weight) == (
         "tokens", "mlp", "stage_2", 0.5)
     pre, base = config_lib.load("baseline", "cpu,pretrain"), config_lib.load("baseline", "cpu")
-    assert pre.train.num_steps == 3500 and base.train.num_steps == 700 and pre.model == base.model
+    assert pre.train.num_steps > base.train.num_steps and pre.model == base.model
+    # The paper's objective and sampler stay the defaults (the `paper` preset); `cpu` takes the new recipe.
+    assert (d.diffusion.prediction, d.diffusion.loss_weighting, d.data.transpose, d.train.ema_sigma_rel,
+            d.sample.sampler, d.sample.guidance_interval) == ("epsilon", "none", False, 0.0, "ddpm", None)
+    assert (base.diffusion.prediction, base.diffusion.loss_weighting, base.data.transpose) == (
+        "v_prediction", "min_snr", True)
 
 
 def test_the_package_builds_configs_only_from_the_files():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fadjax import config_lib
+from fadjax import checkpoints, config_lib
 
 from fadjax.reproduce import pipeline, presets, summary
 from fadjax.reproduce.__main__ import main as reproduce_main
@@ -79,6 +79,11 @@ def test_micro_preset_end_to_end(micro_run):
         assert 0.0 <= u["tstr_accuracy"]["mean"] <= 1.0 and u["fd_judge2"]["value"] >= 0.0
         assert 0.0 <= u["precision"]["value"] <= 1.0 and 0.0 <= u["recall"]["value"] <= 1.0
         assert set(u["real_vs_real"]) >= {"fd_judge2", "precision", "recall"}
+        mem = r["memorisation"]  # Nearest training tiles of generated vs validation tiles, and the closest pairs.
+        for space in ("pixels", "judge2"):
+            assert 0.0 <= mem[space]["near_copies_generated"] <= 1.0 and mem[space]["median_validation"] > 0.0
+        assert mem["same_split_as_generator"] is True and (out / mem["figure"]).is_file()
+        assert mem["figure"] == f"utility/{m}/memorisation.png"
         assert r["training"]["wall_s"] > 0
         for j in ("expert", "judge2"):
             pd = r["paired_difference_vs_baseline"][j]
@@ -101,12 +106,29 @@ def test_micro_preset_end_to_end(micro_run):
     for text in ("Deviations from the paper", "aligned on x_t minus baseline, judged by expert",
                  "judged by judge2", "Hardware and software", "Stages (wall time", "python -m fadjax.reproduce",
                  "report_expert/confusion_fad_xt.png", "report_judge2/accuracy_per_seed.png",
-                 "## Usefulness of the synthetic data", "real vs real", "## Training of each model"):
+                 "## Usefulness of the synthetic data", "real vs real", "## Training of each model",
+                 "## Memorisation", "utility/fad_x0/memorisation.png"):
         assert text in report, text
     assert "train/fad_x0: done" in stdout
 
+    # Learning curves: every model sampled and judged at 1/4, 1/2, 3/4 and the end of its 4 steps (batch 8,
+    # no pre-training in micro), from checkpoints kept although keep_checkpoints is 3.
+    lc = s["learning_curves"]
+    assert list(lc["runs"]) == MODELS and lc["num_images"] == 2 * len(manifests[0]["classes"])
+    for m in MODELS:
+        assert checkpoints.saved_steps(out / "runs" / m / "checkpoints") == [1, 2, 3, 4]
+        points = lc["runs"][m]["points"]
+        assert [p["step"] for p in points] == [1, 2, 3, 4] and [p["fraction"] for p in points] == [0.25, 0.5, 0.75, 1]
+        assert [p["images_seen"] for p in points] == [8, 16, 24, 32]
+        assert all(p["fd_judge2"] >= 0.0 and 0.0 <= p["accuracy_judge2"] <= 1.0 for p in points)
+        assert lc["runs"][m]["used_ema"] is False  # micro keeps no EMA: the raw weights.
+        assert (out / "curves" / m / "step_1" / "manifest.json").is_file()
+    assert (out / "learning_curves.png").is_file() and "learning_curves.png" in report
+    assert "## Learning curves" in report and "from the checkpoint's raw weights (the runs keep no EMA)" in report
+    assert re.search(r"curve/baseline: done in .*4 checkpoints: FD", stdout)
+
     stages = json.loads((out / "stages.json").read_text())
-    assert all(v["complete"] for v in stages["stages"].values()) and len(stages["stages"]) == 18
+    assert all(v["complete"] for v in stages["stages"].values()) and len(stages["stages"]) == 21
     assert stages["jobs"] == 3 and s["jobs"] == 3 and 0 < s["elapsed_s"]
 
 
@@ -161,7 +183,7 @@ def test_second_invocation_skips_every_stage(micro_run):
     assert time.perf_counter() - t < 30
     assert s["preset"] == "micro"
     last = json.loads((out / "stages.json").read_text())["invocations"][-1]
-    assert last["ran"] == [] and len(last["skipped"]) == 18  # 15 + a utility stage per model
+    assert last["ran"] == [] and len(last["skipped"]) == 21  # 15 + a utility and a curve stage per model
 
 
 def test_changed_training_settings_are_refused(micro_run):
@@ -179,8 +201,8 @@ def test_models_choice_trains_a_variant_beside_the_completed_stages(micro_run):
     out, argv, _, _ = micro_run
     s = reproduce_main(argv + ["--models", "repa_tokens_x0"])
     last = json.loads((out / "stages.json").read_text())["invocations"][-1]
-    assert sorted(last["ran"]) == ["eval/expert/repa_tokens_x0", "eval/judge2/repa_tokens_x0", "report",
-                                   "sample/repa_tokens_x0", "train/repa_tokens_x0", "utility/repa_tokens_x0"]
+    assert sorted(last["ran"]) == ["curve/repa_tokens_x0", "eval/expert/repa_tokens_x0", "eval/judge2/repa_tokens_x0",
+                                   "report", "sample/repa_tokens_x0", "train/repa_tokens_x0", "utility/repa_tokens_x0"]
     assert {"train/expert", "train/judge2", "train/baseline", "sample/baseline"} <= set(last["skipped"])
     assert list(s["models"]) == ["baseline", "repa_tokens_x0"]
     assert s["models"]["repa_tokens_x0"]["label"] == "tokens+MLP on x0"

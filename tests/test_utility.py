@@ -178,6 +178,14 @@ def test_utility_cli(tmp_path, monkeypatch):
     spec = {k: v for k, v in u["classifier"].items() if k in SPEC.to_dict()}
     assert utility.ClassifierSpec(**{**spec, "stage_sizes": tuple(spec["stage_sizes"])}) == SPEC  # The judge's recipe.
     assert (out / "utility.png").stat().st_size > 0
+    mem = saved["memorisation"]  # The memorisation check: generated vs validation tiles' nearest training tile.
+    for space in ("pixels", "judge2"):
+        assert mem[space]["n_generated"] == 60 and mem[space]["n_validation"] == 30 and mem[space]["threshold"] > 0
+        assert 0.0 <= mem[space]["near_copies_generated"] <= 1.0
+        assert mem[space]["near_copies_validation"] == pytest.approx(1 / 30)  # 1 of 30 below the 1% quantile.
+    assert mem["n_train"] == 60 and len(mem["closest_pairs"]) == 8 and mem["same_split_as_generator"] is None
+    assert all(p["generated_file"].startswith("seed_") and p["train_file"] for p in mem["closest_pairs"])
+    assert (out / "memorisation.png").stat().st_size > 0
 
     # --judge2_workdir names the judge.
     m2 = evaluate_lib.evaluate_utility(gens, judge, str(tmp_path / "rep2"), judge_role="judge2", seeds=[0],

@@ -58,24 +58,32 @@ def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -
     return jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,)).astype(jnp.int32)
 
 
-def augment(key: jax.Array, x: jax.Array, *, hflip: bool = True, vflip: bool = True) -> jax.Array:
-    """Random per-example horizontal and vertical flips; jittable.
+def augment(key: jax.Array, x: jax.Array, *, hflip: bool = True, vflip: bool = True,
+            transpose: bool = False) -> jax.Array:
+    """Random per-example flips and transposes (the 8 symmetries of a square with all three); jittable.
 
     The per-example bits are drawn with the global shape `[B]`, so the result does not depend
-    on how `x` is sharded. Each flip has its own sub-key, so turning one off leaves the other's
-    draws unchanged.
+    on how `x` is sharded. Each operation has its own sub-key, so turning one off leaves the others'
+    draws unchanged (and runs without the transpose draw the flips they always drew).
 
     Args:
       key: PRNG key.
       x: float `[B, H, W, C]`.
       hflip: flip left-right with probability 1/2.
       vflip: flip top-bottom with probability 1/2.
+      transpose: swap height and width with probability 1/2, before the flips (square images): with
+        both flips, every one of the dihedral group's 8 elements is drawn with probability 1/8.
 
     Returns:
-      `x` with the flips applied, same shape and dtype.
+      `x` with the symmetries applied, same shape and dtype.
     """
     key_h, key_v = jax.random.split(key)
     batch = x.shape[0]
+    if transpose:
+        if x.shape[1] != x.shape[2]:
+            raise ValueError(f"transpose needs square images, got {x.shape[1]}x{x.shape[2]}")
+        swap = jax.random.bernoulli(jax.random.fold_in(key, 2), 0.5, (batch,))  # [B]
+        x = jnp.where(swap[:, None, None, None], jnp.swapaxes(x, 1, 2), x)
     if hflip:
         flip = jax.random.bernoulli(key_h, 0.5, (batch,))  # [B]
         x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
@@ -128,7 +136,8 @@ class Source:
     weight: float = 1.0
 
 
-def draw_examples(keys: RunKeys, step, data: dict, sources: Sequence[Source], *, hflip: bool, vflip: bool):
+def draw_examples(keys: RunKeys, step, data: dict, sources: Sequence[Source], *, hflip: bool, vflip: bool,
+                  transpose: bool = False):
     """The step's global batch: ``(x float32 [B,H,W,C] in [0, 1], flipped; labels int32 [B]; weights [B])``,
     the sources' examples one after the other (``B`` = the sum of their batch sizes); jittable."""
     xs, ys = [], []
@@ -136,7 +145,8 @@ def draw_examples(keys: RunKeys, step, data: dict, sources: Sequence[Source], *,
         idx = batch_indices(keys.order(s.name), step, num_examples=s.num_examples, batch_size=s.batch_size)
         xs.append(data[s.images][idx])
         ys.append(data[s.labels][idx])
-    x = augment(keys.step(step, "aug"), to_float(jnp.concatenate(xs)), hflip=hflip, vflip=vflip)
+    x = augment(keys.step(step, "aug"), to_float(jnp.concatenate(xs)), hflip=hflip, vflip=vflip,
+                transpose=transpose)
     weights = np.concatenate([np.full(s.batch_size, s.weight / s.batch_size) for s in sources]).astype(np.float32)
     return x, jnp.concatenate(ys), jnp.asarray(weights)
 

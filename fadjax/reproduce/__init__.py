@@ -14,6 +14,8 @@ with both judges; and writes ``report.md``, ``summary.json`` and figures. Layout
     gens/<model>                                   generated images (fadjax.sample)
     eval/<model>, eval2/<model>                    judged by the expert / by the second judge
     report_expert/, report_judge2/                 fadjax.report comparisons, one per judge
+    curves/<run>                                   learning curves: samples of the evenly kept checkpoints
+                                                   of the pre-training and each model, judged (fadjax.curves)
     report.md, summary.json, accuracy_by_judge.png the combined report
     stages.json                                    fingerprints, wall times, exact commands
     cache/                                         decoded data (unless --cache_dir)

@@ -143,11 +143,18 @@ def headline(result) -> str:
     if result.get("tstr_accuracy") is not None:
         parts.append(f"TSTR {100 * result['tstr_accuracy']:.1f}% (real-trained {100 * result['trtr_accuracy']:.1f}%), "
                      f"augmentation gain {100 * result['augment_gain']:+.1f} points, FD {result['fd_judge2']:.3g}")
+    if result.get("curve_points"):
+        parts.append(f"{result['curve_points']} checkpoints: FD {result['fd_first']:.3g} -> {result['fd_last']:.3g}, "
+                     f"accuracy {_percent(result['accuracy_first'])} -> {_percent(result['accuracy_last'])} (judge2)")
     if result.get("accuracy_mean") is not None:
         std = result.get("accuracy_std")
         parts.append(f"generation accuracy {100 * result['accuracy_mean']:.1f}%"
                      + (f" ± {100 * std:.1f}" if std is not None and std == std else ""))
     return ", ".join(parts)
+
+
+def _percent(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 @dataclasses.dataclass
@@ -231,7 +238,8 @@ def _serialized_plots():
     """Draws ``fadjax.plots`` figures one at a time while stages run in threads."""
     from fadjax import plots
     lock = threading.Lock()
-    names = [n for n in ("confusion", "grouped_bars", "per_seed", "curves", "image_grid") if hasattr(plots, n)]
+    names = [n for n in ("confusion", "grouped_bars", "per_seed", "curves", "image_grid", "learning_curves")
+             if hasattr(plots, n)]
     originals = {n: getattr(plots, n) for n in names}
 
     def serial(f):
@@ -278,10 +286,12 @@ def check_workdir(workdir: pathlib.Path, config) -> None:
         return
     old = _training_dict(type(config)(json.loads(path.read_text())))
     new = _training_dict(config)
-    if old != new:
+    if old != new:  # A field added since at None (e.g. train.keep_evenly) is no change.
         a, b = _flat(old), _flat(new)
         diff = [f"{k}: {a.get(k)!r} (there) != {b.get(k)!r} (now)"
                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if not diff:
+            return
         raise ReproduceError(f"{workdir} holds a run trained with other settings:\n  " + "\n  ".join(diff) +
                              "\nUse another --out, or delete that folder to retrain it.")
 
@@ -334,10 +344,18 @@ def same_split(a: pathlib.Path, b: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- sampling and evaluation
 
 def sampling_settings(sample_cfg) -> dict:
-    from fadjax.config_lib import parse_seeds
-    return {"seeds": parse_seeds(sample_cfg.seeds), "num_per_class": int(sample_cfg.num_per_class),
-            "sampler": sample_cfg.sampler, "steps": sample_cfg.get("steps"),
-            "guidance_scale": float(sample_cfg.guidance_scale), "batch_size": int(sample_cfg.batch_size)}
+    """What the report samples with. ``karras_sigmas`` and ``guidance_interval`` appear only when set (not
+    False/None), so the fingerprints of outputs made before they existed still hold."""
+    from fadjax.config_lib import parse_guidance_interval, parse_seeds
+    out = {"seeds": parse_seeds(sample_cfg.seeds), "num_per_class": int(sample_cfg.num_per_class),
+           "sampler": sample_cfg.sampler, "steps": sample_cfg.get("steps"),
+           "guidance_scale": float(sample_cfg.guidance_scale), "batch_size": int(sample_cfg.batch_size)}
+    if sample_cfg.get("karras_sigmas"):
+        out["karras_sigmas"] = True
+    interval = parse_guidance_interval(sample_cfg.get("guidance_interval"))
+    if interval is not None:
+        out["guidance_interval"] = list(interval)
+    return out
 
 
 def sample_task(name: str, run_dir: pathlib.Path, out: pathlib.Path, settings: dict, model: Task) -> Task:
@@ -349,6 +367,8 @@ def sample_task(name: str, run_dir: pathlib.Path, out: pathlib.Path, settings: d
         m = sample_lib.generate(r, str(out), seeds=settings["seeds"], num_per_class=settings["num_per_class"],
                                 sampler=settings["sampler"], steps=settings["steps"],
                                 guidance_scale=settings["guidance_scale"], batch_size=settings["batch_size"],
+                                karras_sigmas=settings.get("karras_sigmas", False),
+                                guidance_interval=settings.get("guidance_interval") or "none",
                                 progress=sys.stderr.isatty())
         return {"images": m["counts"]["images"], "steps": m["steps"], "sampler": m["sampler"]}
 
@@ -373,7 +393,8 @@ def eval_task(name: str, judge_name: str, judge: Callable, gens: Task, judge_tas
 def utility_task(name: str, judge: Callable, gens: Task, judge_task: Task, gens_dir: pathlib.Path,
                  out: pathlib.Path, settings: dict, cache: dict) -> Task:
     """Usefulness of one model's images (``fadjax.evaluate.evaluate_utility``) with judge2's features and
-    classifier recipe; ``cache`` shares the real-data reference classifiers between models."""
+    classifier recipe, and the memorisation check (nearest training tiles, ``memorisation.png``); ``cache``
+    shares the real-data reference classifiers and features between models."""
     def run():
         from fadjax import evaluate as evaluate_lib
         spec = {"epochs": settings["epochs"]} if settings.get("epochs") else None
@@ -381,12 +402,52 @@ def utility_task(name: str, judge: Callable, gens: Task, judge_task: Task, gens_
                                           seeds=tuple(range(int(settings["seeds"]))),
                                           augment_fraction=float(settings["augment_fraction"]),
                                           spec_overrides=spec, cache=cache)
+        memo = json.loads((out / "metrics.json").read_text()).get("memorisation") or {}
         return {"tstr_accuracy": u["tstr_accuracy"]["mean"], "trtr_accuracy": u["trtr_accuracy"]["mean"],
-                "augment_gain": u["augment_gain"]["mean"], "fd_judge2": u["fd_judge2"]["value"]}
+                "augment_gain": u["augment_gain"]["mean"], "fd_judge2": u["fd_judge2"]["value"],
+                "near_copies_pixels": (memo.get("pixels") or {}).get("near_copies_generated")}
 
     return Task(f"utility/{name}", (gens.name, judge_task.name),
-                fingerprint({"deps": [gens.fp, judge_task.fp], "settings": settings}),
-                lambda: (out / "metrics.json").exists(), run, f"utility of {name}'s images (TSTR, augmentation, FD)")
+                fingerprint({"deps": [gens.fp, judge_task.fp], "settings": settings, "memorisation": 1}),
+                lambda: (out / "metrics.json").exists() and (out / "memorisation.png").exists(), run,
+                f"utility of {name}'s images (TSTR, augmentation, FD, memorisation)")
+
+
+def curve_settings(configs: presets.Configs) -> dict:
+    """The learning curves' sampling: the report's sampler, steps and guidance, ``configs.curves``'s images."""
+    from fadjax.config_lib import parse_seeds
+    s = sampling_settings(configs.sample)
+    seeds = parse_seeds(configs.sample.seeds)[:int(configs.curves.get("seeds", 1))]
+    return {**s, "seeds": seeds, "num_per_class": int(configs.curves["num_per_class"])}
+
+
+def curve_task(name: str, run_dir: pathlib.Path, out: pathlib.Path, settings: dict, model: Task, judge: Callable,
+               judge_task: Task, judge_batch_size: int) -> Task:
+    """The learning curve of one run (``fadjax.curves``): sampled and judged by judge2 at its evenly kept
+    checkpoints. Resumes from the checkpoints already sampled; other inputs start it afresh."""
+    fp = fingerprint({"model": model.fp, "judge": judge_task.fp, "settings": settings,
+                      "judge_batch_size": judge_batch_size})
+
+    def run():
+        import shutil
+        from fadjax import curves
+        stamp = out / "fingerprint.txt"  # Images of other weights or settings are not resumed.
+        if out.exists() and (not stamp.exists() or stamp.read_text() != fp):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fp)
+        sampler = {k: v for k, v in settings.items() if k not in ("seeds", "num_per_class", "batch_size")}
+        c = curves.learning_curve(run_dir, judge(), out, seeds=settings["seeds"],
+                                  num_per_class=settings["num_per_class"], batch_size=settings["batch_size"],
+                                  judge_batch_size=judge_batch_size, progress=sys.stderr.isatty(), **sampler)
+        first, last = c["points"][0], c["points"][-1]
+        return {"curve_points": len(c["points"]), "fd_first": first["fd_judge2"], "fd_last": last["fd_judge2"],
+                "accuracy_first": first["accuracy_judge2"], "accuracy_last": last["accuracy_judge2"]}
+
+    what = (f"learning curve: {len(settings['seeds'])} seed(s) x {settings['num_per_class']} per class at each "
+            f"evenly kept checkpoint, judged by judge2")
+    return Task(f"curve/{name}", (model.name, judge_task.name), fp,
+                lambda: (out / "curve.json").exists(), run, what)
 
 
 # ----------------------------------------------------------------------------- everything
@@ -400,6 +461,7 @@ def layout(out: pathlib.Path, models=tuple(presets.MODELS)) -> dict:
         # eval/<model> is judged by the expert (the paper's judge), eval2/<model> by the second judge.
         "eval": {"expert": {n: out / "eval" / n for n in models}, "judge2": {n: out / "eval2" / n for n in models}},
         "utility": {n: out / "utility" / n for n in models},
+        "curves": {n: out / "curves" / n for n in (presets.PRETRAIN, *models)},
     }
 
 
@@ -447,11 +509,19 @@ def plan(configs: presets.Configs, out: pathlib.Path) -> tuple[list[Task], dict]
         same_split(paths["runs"]["expert"], paths["runs"]["judge2"])
         summary_lib.write(configs, out, paths)
 
-    report_task = Task("report", tuple(e.name for e in evals + utils),
+    curves = []
+    if configs.curves is not None:  # The pre-training's, then each model's.
+        cs = curve_settings(configs)
+        named = [presets.PRETRAIN] * (configs.pretrain is not None) + list(configs.models)
+        curves = [curve_task(n, paths["runs"][n], paths["curves"][n], cs, tasks[n], judge("judge2"),
+                             tasks["judge2"], int(configs.judge2.train.eval_batch_size)) for n in named]
+
+    report_task = Task("report", tuple(e.name for e in evals + utils + curves),
                        fingerprint({"evals": [e.fp for e in evals], "utility": [u.fp for u in utils],
+                                    **({"curves": [c.fp for c in curves]} if curves else {}),
                                     "deviations": presets.deviations(configs)}),
                        lambda: all((out / f).exists() for f in summary_lib.OUTPUTS), report, "writing the report")
-    return [*tasks.values(), *gens.values(), *evals, *utils, report_task], paths
+    return [*tasks.values(), *gens.values(), *evals, *utils, *curves, report_task], paths
 
 
 def run_all(configs: presets.Configs, out: pathlib.Path, *, command: str, jobs: int = 1, echo: bool = True,

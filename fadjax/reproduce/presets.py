@@ -94,6 +94,10 @@ PRETRAIN = "pretrain"
 # Utility of the synthetic data (fadjax.utility): TSTR, augmentation gain, FD and precision/recall in
 # judge2's features; classifiers of judge2's recipe over 3 seeds, 10% of the real training split.
 _UTILITY = {"seeds": 3, "augment_fraction": 0.1}
+# Learning curves (fadjax.curves): the pre-training and every model sampled at the checkpoints its run keeps
+# evenly (train.keep_evenly, set by the preset's config variant: 4 = at 1/4, 1/2, 3/4 and the end), with
+# "num_per_class" images per class and each of the first "seeds" sampling seeds, judged by judge2 (FD of its
+# pooled features, generation accuracy).
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's settings: the configs' defaults (20 epochs at batch 4, DDPM 1000 sampling steps,
     # ResNet50 at 224 px for 15 epochs, 10 images x 7 classes x 15 seeds); stages one after the other.
@@ -104,13 +108,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's comparison on the real Kather tiles on one CPU machine (2 cores) in under 90 minutes:
     # two stages at once (the judges beside the pre-training, the models in pairs); judge2's recipe is
     # ~40 s per utility classifier at 32 px.
-    "cpu": {"variant": "cpu", "needs_data": True, "jobs": 2, "utility": _UTILITY, PRETRAIN: True},
+    "cpu": {"variant": "cpu", "needs_data": True, "jobs": 2, "utility": _UTILITY, PRETRAIN: True,
+            "curves": {"num_per_class": 20, "seeds": 1}},  # 140 images x 16 checkpoints.
     # README's first command: the built-in demo textures on a laptop CPU in under 5 minutes, small enough
     # to finish and large enough to learn (budget in README); one stage compiles while the other computes.
     "tiny": {"variant": "tiny,demo", "needs_data": False, "jobs": 2, PRETRAIN: True},
     # Micro models on a tiny demo set, for the tests: every stage runs in seconds and learns nothing.
     "micro": {"variant": "tiny,micro", "needs_data": False, "jobs": 1,
-              "utility": {"seeds": 2, "augment_fraction": 0.25, "epochs": 1}},  # Wiring only.
+              "utility": {"seeds": 2, "augment_fraction": 0.25, "epochs": 1},  # Wiring only.
+              "curves": {"num_per_class": 2, "seeds": 1}},
 }
 
 # The paper's settings as config values: (config group, field, paper value, what the paper did).
@@ -144,6 +150,10 @@ PAPER: tuple[tuple[str, str, Any, str], ...] = (
     ("diffusion", "diffusion.num_train_timesteps", 1000, "1000 DDPM steps"),
     ("diffusion", "diffusion.beta_schedule", "squaredcos_cap_v2", "cosine betas"),
     ("diffusion", "diffusion.loss_weight", 1.0, "w1 = 1"),
+    ("diffusion", "diffusion.prediction", "epsilon", "epsilon (noise) prediction"),
+    ("diffusion", "diffusion.loss_weighting", "none", "a plain MSE over uniform timesteps"),
+    ("diffusion", "data.transpose", False, "horizontal and vertical flips only"),
+    ("diffusion", "train.ema_sigma_rel", 0.0, "no EMA"),
     ("diffusion", "align.weight", 1.0, "w2 = 1"),
     ("diffusion", "align.unet_feature", "down_2_shortcut", "the reference code's hook down_2_shortcut"),
     ("diffusion", "align.expert_resize", None, "expert sees the 64 px x_t as is"),
@@ -235,6 +245,8 @@ class Configs:
     pretrain: ml_collections.ConfigDict | None = None  # The shared pre-training every model starts from.
     # Utility metrics (fadjax.utility): {"seeds", "augment_fraction", optional "epochs"}; None = not computed.
     utility: dict | None = None
+    # Learning curves (fadjax.curves): {"num_per_class", "seeds"}; None = not computed.
+    curves: dict | None = None
 
     @property
     def sample(self) -> ml_collections.ConfigDict:
@@ -293,6 +305,7 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
     p = PRESETS[preset]
     overrides = overrides or {}
     variant = p["variant"]
+    curves = p.get("curves")
 
     def finish(c):
         if data:
@@ -310,7 +323,8 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
             raise PresetError(f"preset {preset!r} pre-trains a U-Net: pretrain_workdir is required")
         base = config_lib.load("baseline", variant)
         own = _changed_fields(config_lib.load("baseline", _variant(variant, PRETRAIN)), base)  # Its length, rate.
-        pretrain = apply(apply(apply(base, overrides.get("diffusion", {})), own), overrides.get(PRETRAIN, {}))
+        pretrain = apply(apply(apply(base, overrides.get("diffusion", {})), own),
+                         overrides.get(PRETRAIN, {}))
     elif overrides.get(PRETRAIN):
         raise PresetError(f"--pretrain.*: preset {preset!r} has no shared pre-training")
     if not models or models[0] != BASELINE:
@@ -338,7 +352,7 @@ def build(preset: str, *, data: str | None, seeds: str | None, expert_workdir: s
             raise PresetError(f"{name}: sample.* differs from the baseline's; every model must share the "
                               f"sampling settings (set them in the 'diffusion' group)")
     return Configs(preset, finish(expert), finish(judge2), models,
-                   None if pretrain is None else finish(pretrain), p.get("utility"))
+                   None if pretrain is None else finish(pretrain), p.get("utility"), curves)
 
 
 def _fmt(v: Any) -> str:
@@ -389,7 +403,9 @@ def describe(preset: str) -> str:
     variant = p["variant"]
     lines = [f"{preset}: configs/*.py:{variant or '(defaults)'}, "
              f"{'--data required' if p['needs_data'] else 'built-in demo data'}, {p['jobs']} stage(s) at a time"
-             + (", utility metrics" if p.get("utility") else "")]
+             + (", utility metrics" if p.get("utility") else "")
+             + (f", learning curves ({p['curves']['num_per_class']} per class at evenly kept checkpoints)"
+                if p.get("curves") else "")]
     groups = [("expert", "expert", variant), ("judge2", "expert", _variant(variant, "judge2")),
               ("diffusion", "baseline", variant)] + ([(PRETRAIN, "baseline", _variant(variant, PRETRAIN))]
                                                      if p.get(PRETRAIN) else [])

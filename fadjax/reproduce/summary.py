@@ -113,7 +113,12 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
             entry["paired_difference_vs_baseline"][j] = r.get("paired_difference_vs_baseline")
         u_path = paths.get("utility", {}).get(m)
         if configs.utility is not None and u_path is not None and (u_path / "metrics.json").exists():
-            entry["utility"] = json.loads((u_path / "metrics.json").read_text())["utility"]
+            u_metrics = json.loads((u_path / "metrics.json").read_text())
+            entry["utility"] = u_metrics["utility"]
+            if u_metrics.get("memorisation"):  # Nearest training tiles; its figure beside, linked from the report.
+                fig = u_path / "memorisation.png"
+                entry["memorisation"] = {**u_metrics["memorisation"],
+                                         "figure": os.path.relpath(fig, out) if fig.exists() else None}
         train_rec = recorded.get(f"train/{m}", {})
         entry["training"] = {"wall_s": train_rec.get("wall_s"),
                              "img_per_s": (train_rec.get("result") or {}).get("img_per_s"),
@@ -141,6 +146,7 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
                        [LABELS.get(m, m) for m in models], out / "accuracy_by_judge.png",
                        title="Generation accuracy by judge (mean over seeds)", ylabel="accuracy", xlabel="model")
 
+    learning = learning_curves(configs, out, paths)
     utility = {LABELS.get(m, m): per_model[m]["utility"] for m in models if "utility" in per_model[m]}
     if utility:
         plots.utility(utility, out / "utility.png", title="Usefulness of the synthetic data (judge2's features "
@@ -172,6 +178,7 @@ def write(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict:
         "jobs": book.get("jobs", 1),
         "commands": commands,
         "sub_reports": subdirs,
+        **({"learning_curves": learning} if learning else {}),
     }
     summary = metrics.json_safe(summary)
     workdir_lib.write_json(out / "summary.json", summary)
@@ -247,6 +254,112 @@ def _utility_markdown(s: dict) -> list[str]:
     return L + ["", "![utility](utility.png)", ""]
 
 
+def _memorisation_markdown(s: dict) -> list[str]:
+    """The memorisation check: near-copies and median nearest-training distances, generated vs validation."""
+    models = [m for m in s["models"] if s["models"][m].get("memorisation")]
+    if not models:
+        return []
+    m0 = s["models"][models[0]]["memorisation"]
+    q = 100 * m0["pixels"]["quantile"]
+    L = ["## Memorisation", "",
+         f"For every generated tile, the distance to its nearest tile of the training split "
+         f"({m0['n_train']} tiles, the split the diffusion models trained on), in pixels (root mean squared "
+         "difference per pixel, intensities in [0, 1]) and in judge2's pooled features (Euclidean); the same "
+         f"distance for the {m0['n_validation']} real validation tiles, never trained on, is the reference. "
+         f"A **near-copy** is a tile nearer to a training tile than the closest {q:g}% of validation tiles come (so "
+         f"about {q:g}% of the validation tiles by construction, at least one of them: 1/n with few tiles): a "
+         "generated share well above the validation share, or a generated median well below the validation "
+         "median, means the model reproduces training tiles; the figures show each model's 8 closest (generated, nearest training tile) pairs in pixels.", "",
+         "| model | near-copies, pixels (generated vs validation) | near-copies, judge2 (generated vs validation) "
+         "| median distance, pixels (generated vs validation) | median distance, judge2 (generated vs validation) |",
+         "|---|---|---|---|---|"]
+    for m in models:
+        r = s["models"][m]["memorisation"]
+        cells = []
+        for key, f in (("near_copies", _pct), ("median", lambda v: "n/a" if v is None else f"{v:.3g}")):
+            for space in ("pixels", "judge2"):
+                e = r.get(space) or {}
+                cells.append(f"{f(e.get(f'{key}_generated'))} vs {f(e.get(f'{key}_validation'))}")
+        L.append(f"| {s['models'][m]['label']} | " + " | ".join(cells) + " |")
+    other = [s["models"][m]["label"] for m in models if s["models"][m]["memorisation"].get("same_split_as_generator")
+             is False]
+    if other:
+        L += ["", f"Warning: {', '.join(other)} trained on another split than judge2's; the distances are to "
+                  "judge2's training split."]
+    L.append("")
+    for m in models:
+        fig = s["models"][m]["memorisation"].get("figure")
+        if fig:
+            L += [f"![closest pairs {s['models'][m]['label']}]({fig})", ""]
+    return L
+
+
+def learning_curves(configs: presets.Configs, out: pathlib.Path, paths: dict) -> dict | None:
+    """The learning curves of the pre-training and every model (``OUT/curves/<run>/curve.json``, written by
+    ``fadjax.curves``) in one record, drawn in ``learning_curves.png``; None when the preset has none."""
+    if configs.curves is None:
+        return None
+    names = [presets.PRETRAIN] * (configs.pretrain is not None) + list(configs.models)
+    runs = {}
+    for n in names:
+        c = json.loads((paths["curves"][n] / "curve.json").read_text())
+        runs[n] = {"label": "pre-training" if n == presets.PRETRAIN else LABELS.get(n, n), "used_ema": c["used_ema"],
+                   "images_before": c["images_before"], "batch_size": c["batch_size"],
+                   "total_steps": c["total_steps"],
+                   "points": [{k: p[k] for k in ("step", "fraction", "images_seen", "fd_judge2", "accuracy_judge2")}
+                              for p in c["points"]]}
+    first = json.loads((paths["curves"][names[0]] / "curve.json").read_text())
+    classes = first["num_images"] // max(first["num_per_class"] * len(first["seeds"]), 1)
+    series = {r["label"]: {"images_seen": [p["images_seen"] for p in r["points"]],
+                           "fd": [p["fd_judge2"] for p in r["points"]],
+                           "accuracy": [p["accuracy_judge2"] for p in r["points"]]} for r in runs.values()}
+    starts = {r["images_before"] for n, r in runs.items() if n != presets.PRETRAIN and r["images_before"]}
+    plots.learning_curves(series, out / "learning_curves.png", chance=1 / max(classes, 1),
+                          marks={"fine-tuning starts": x for x in sorted(starts)[:1]},
+                          title=f"Learning curves: {first['num_images']} images per checkpoint, judged by judge2")
+    return {"figure": "learning_curves.png", "runs": runs,
+            **{k: first[k] for k in ("num_images", "num_per_class", "seeds", "sampler", "steps", "guidance_scale",
+                                     "num_real_val")}}
+
+
+def _sig(v) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.3g}"
+
+
+def _curves_markdown(s: dict) -> list[str]:
+    """The learning curves: how they were measured, how to read them, the figure and a table of every point."""
+    lc = s.get("learning_curves")
+    if not lc:
+        return []
+    runs = lc["runs"]
+    pre = runs.get(presets.PRETRAIN)
+    weights = {r["used_ema"] for r in runs.values()}
+    which = ("EMA weights" if weights == {True} else "raw weights (the runs keep no EMA)" if weights == {False}
+             else "EMA weights where a run keeps them, else raw")
+    fractions = [p["fraction"] for p in next(iter(runs.values()))["points"]]
+    L = ["## Learning curves", "",
+         f"At {', '.join(f'{100 * f:.0f}%' for f in fractions)} of each run's steps, {lc['num_images']} images "
+         f"({lc['num_per_class']} per class, seed{'s' if len(lc['seeds']) > 1 else ''} "
+         f"{', '.join(map(str, lc['seeds']))}; {lc['sampler']}, {lc['steps']} steps, "
+         f"guidance {lc['guidance_scale']:g}) "
+         f"were sampled from the checkpoint's {which} and judged by judge2: FD of its pooled features to the "
+         f"{lc['num_real_val']} real validation images of those classes, and generation accuracy. The x axis is "
+         "training images seen (steps x batch size)" +
+         (f"; the fine-tuned models' continues from the pre-training's {pre['points'][-1]['images_seen']:,} images"
+          if pre else "") + ".", "",
+         "**How to read it:** at the same images seen, a lower FD and a higher accuracy mean a model that has "
+         "learnt more from the same data -- if alignment speeds learning up, the aligned curves lie below (FD) and "
+         "above (accuracy) the baseline's early on, not only at the end. FD over this few images is biased upward "
+         "and noisy: compare the curves with each other, not with the usefulness table's FD.", "",
+         "![learning curves](learning_curves.png)", "",
+         "| run | " + " | ".join(f"{100 * f:.0f}% of its steps: images seen, FD, accuracy" for f in fractions) + " |",
+         "|---" * (1 + len(fractions)) + "|"]
+    for r in runs.values():
+        cells = [f"{p['images_seen']:,}, {_sig(p['fd_judge2'])}, {_pct(p['accuracy_judge2'])}" for p in r["points"]]
+        L.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
 def _training_markdown(s: dict) -> list[str]:
     rows = [(s["models"][m]["label"], s["models"][m].get("training") or {}) for m in s["models"]]
     if not any(t.get("wall_s") for _, t in rows):
@@ -295,7 +408,9 @@ def _markdown(s: dict, configs: presets.Configs) -> str:
                  f" | {_num(r['ssim_generated'])} | {_num(r['ssim_real'])} | {r['sampler']} ({r['steps']} steps) |")
     L += ["", "![accuracy by judge](accuracy_by_judge.png)", ""]
     L += _utility_markdown(s)
+    L += _memorisation_markdown(s)
     L += _training_markdown(s)
+    L += _curves_markdown(s)
     L += ["## Judges", "",
           "| judge | architecture | input | seed | init | validation accuracy (best checkpoint) | re-evaluated "
           "| role |",

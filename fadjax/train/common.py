@@ -190,13 +190,41 @@ def ema_decay_at(step, ema_decay: float, *, warmup: bool):
     return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def power_ema_gamma(sigma_rel: float) -> float:
+    """EDM2's power-function EMA exponent for a relative length ``sigma_rel`` (Karras et al. 2024, eq. 3:
+    ``sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))``), solved for ``g`` (a cubic, one real root > 0).
+
+    Raises:
+      ValueError: ``sigma_rel`` outside (0, 0.28) (at ``g`` -> 0 it tends to ``sqrt(1/12)`` = 0.289).
+    """
+    if not 0.0 < sigma_rel < 0.28:
+        raise ValueError(f"ema sigma_rel must be in (0, 0.28), got {sigma_rel}")
+    # (g + 2)^2 (g + 3) sigma_rel^2 - (g + 1) = 0.
+    s2 = sigma_rel ** 2
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real > 0]
+    return float(max(real))
+
+
+def power_ema_decay_at(step, gamma):
+    """The power-function EMA's decay at ``step`` (0-based): ``(1 - 1 / (step + 1)) ** (gamma + 1)``.
+
+    The average's length grows with the run (its weight on the past is a power of the step, EDM2), so
+    a short fine-tuning and a long training each average over the same share of their own steps; the
+    first update copies the parameters (decay 0).
+    """
+    t = jnp.asarray(step).astype(jnp.float32) + 1.0
+    return (1.0 - 1.0 / t) ** (jnp.asarray(gamma, jnp.float32) + 1.0)
+
+
 def apply_gradients_if_finite(state: TrainState, grads, loss, *, lr, ema_decay=None,
-                              ema_warmup: bool = False, **extra):
+                              ema_warmup: bool = False, ema_power=None, **extra):
     """Applies the update ``-lr * tx(grads)`` (and the EMA) only when loss and gradients are finite.
 
     A non-finite step leaves the state as it was; the returned flag lets the host stop the run
     naming that step, with the last good parameters intact. The EMA's decay follows
-    :func:`ema_decay_at` of the state's step. ``lr`` and ``ema_decay`` may be traced values.
+    :func:`ema_decay_at` of the state's step, or :func:`power_ema_decay_at` when ``ema_power`` (the
+    exponent gamma) is given. ``lr``, ``ema_decay`` and ``ema_power`` may be traced values.
     """
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -205,8 +233,9 @@ def apply_gradients_if_finite(state: TrainState, grads, loss, *, lr, ema_decay=N
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
         new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, **extra)
-        if ema_decay is not None:
-            decay = ema_decay_at(state.step, ema_decay, warmup=ema_warmup)
+        if ema_decay is not None or ema_power is not None:
+            decay = (power_ema_decay_at(state.step, ema_power) if ema_power is not None
+                     else ema_decay_at(state.step, ema_decay, warmup=ema_warmup))
             new = new.replace(ema_params=jax.tree.map(
                 lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new.params))
         return new

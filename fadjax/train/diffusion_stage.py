@@ -49,12 +49,19 @@ def make_loss_fn(model: build.DiffusionModel, config, schedule: diffusion_lib.Sc
     use_align = bool(a.enabled)
     align_mode = a.get("mode", "pooled")
     data_range = config.diffusion.data_range
+    prediction = config.diffusion.get("prediction", "epsilon")
+    weighting = config.diffusion.get("loss_weighting", "none")
+    snr_gamma = float(config.diffusion.get("snr_gamma", 5.0))
 
     def loss_fn(params, consts, x0, labels, noise, t, weights):
         # x0 [B, H, W, C] in [0, 1]; the model diffuses it in its data range.
-        x_t = diffusion_lib.q_sample(schedule, diffusion_lib.to_model_range(x0, data_range), t, noise)
-        eps, feats = model(params, x_t, t, labels, consts.get("text_features"))
-        per_example = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))  # [B]
+        x0_model = diffusion_lib.to_model_range(x0, data_range)
+        x_t = diffusion_lib.q_sample(schedule, x0_model, t, noise)
+        out, feats = model(params, x_t, t, labels, consts.get("text_features"))
+        target = diffusion_lib.training_target(schedule, x0_model, t, noise, prediction)
+        per_example = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=(1, 2, 3))  # [B]
+        per_example = per_example * diffusion_lib.loss_weight(schedule, t, weighting=weighting,
+                                                              prediction=prediction, gamma=snr_gamma)
         noise_loss = jnp.sum(weights * per_example)
         hp = consts["hp"]
         loss = hp["noise_weight"] * noise_loss
@@ -90,7 +97,8 @@ def make_draw_fn(config, sources, *, null_label: int | None):
 
     def draw(step, data):
         x0, y, weights = pipeline.draw_examples(keys, step, data, sources, hflip=config.data.hflip,
-                                                vflip=config.data.vflip)
+                                                vflip=config.data.vflip,
+                                                transpose=bool(config.data.get("transpose", False)))
         b = x0.shape[0]
         if null_label is not None and p_drop > 0:
             y = jnp.where(jax.random.bernoulli(keys.step(step, "drop"), p_drop, (b,)), null_label, y)
@@ -108,9 +116,16 @@ def step_hparams(config, *, steps_per_epoch: int, total_steps: int) -> dict:
     hp = {"lr": common.lr_hparams(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps),
           "noise_weight": f(config.diffusion.loss_weight), "align_weight": f(config.align.weight),
           "expert_clean": np.bool_(config.align.expert_input == "clean")}
-    if config.train.ema_decay is not None:
+    if config.train.get("ema_sigma_rel", 0.0) > 0:
+        hp["ema_power"] = f(common.power_ema_gamma(float(config.train.ema_sigma_rel)))
+    elif config.train.ema_decay is not None:
         hp["ema_decay"] = f(config.train.ema_decay)
     return hp
+
+
+def uses_ema(train_cfg) -> bool:
+    """Whether a run keeps an EMA of its parameters (a fixed decay or the power-function EMA)."""
+    return train_cfg.ema_decay is not None or train_cfg.get("ema_sigma_rel", 0.0) > 0
 
 
 def make_train_step(loss_fn, draw, par: common.Parallel, *, schedule: str, ema_warmup: bool = False):
@@ -130,7 +145,8 @@ def make_train_step(loss_fn, draw, par: common.Parallel, *, schedule: str, ema_w
         hp = consts["hp"]
         lr = common.learning_rate(schedule, state.step, hp["lr"])
         new, finite, grad_norm = common.apply_gradients_if_finite(
-            state, grads, loss, lr=lr, ema_decay=hp.get("ema_decay"), ema_warmup=ema_warmup)
+            state, grads, loss, lr=lr, ema_decay=hp.get("ema_decay"), ema_warmup=ema_warmup,
+            ema_power=hp.get("ema_power"))
         metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32)}
         return new, metrics
 
@@ -314,11 +330,12 @@ def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict
     total = common.run_length(config.train, spe)
     tx = common.make_optimizer(config.optim)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
-    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                    keep_period=checkpoints.even_period(total, config.train.get("keep_evenly")))
     start = distributed.agreed_step(ckpt.latest_step() or 0)  # May fall back below, past a damaged checkpoint.
 
     # Parameters: resume > init_from > pretrained > scratch.
-    ema_decay = config.train.ema_decay
+    keep_ema = uses_ema(config.train)
 
     k_model, k_proj = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
 
@@ -339,7 +356,7 @@ def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict
 
     def make_state(params):
         return common.TrainState.create(apply_fn=None, params=params, tx=tx,
-                                        ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None)
+                                        ema_params=jax.tree.map(jnp.copy, params) if keep_ema else None)
 
     with phases("init"):
         # A resumed run needs only the shapes (its checkpoint holds the values, init_from's included).
@@ -359,6 +376,13 @@ def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict
                 params = task.init_params(model, params, src)
             state = jax.block_until_ready(jax.jit(make_state)(params))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    df, tc = config.diffusion, config.train
+    ema = (f"power-function EMA, sigma_rel {tc.ema_sigma_rel}" if tc.get("ema_sigma_rel", 0.0) > 0
+           else f"EMA decay {tc.ema_decay}" if tc.ema_decay is not None else "no EMA")
+    logging.info("objective: %s prediction, %s weighting; %s; symmetries: %s", df.get("prediction", "epsilon"),
+                 df.get("loss_weighting", "none"), ema,
+                 "all 8" if config.data.get("transpose") and config.data.hflip and config.data.vflip else
+                 f"hflip {config.data.hflip}, vflip {config.data.vflip}, transpose {config.data.get('transpose', False)}")
     logging.info("parameters: %.1fM (%s)", n_params / 1e6,
                  ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)) / 1e6:.2f}M" for k, v in state.params.items()))
 

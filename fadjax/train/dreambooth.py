@@ -57,9 +57,9 @@ INHERITED = ("data.image_size", "data.channels", "model.preset", "model.block_ou
              "model.attention_head_dim", "model.cross_attention_dim", "model.norm_num_groups",
              "model.attention_levels", "model.layers_per_block",
              "model.pretrained", "cond.mode", "cond.prompt", "diffusion.num_train_timesteps",
-             "diffusion.beta_schedule", "diffusion.data_range")
+             "diffusion.beta_schedule", "diffusion.data_range", "diffusion.prediction")
 # What a starting run's config.json means by a field it does not have (written before the field existed).
-INHERITED_MISSING = {"diffusion.data_range": "[0,1]"}
+INHERITED_MISSING = {"diffusion.data_range": "[0,1]", "diffusion.prediction": "epsilon"}
 # Fields whose None means "the starting run's".
 INHERITED_IF_UNSET = ("data.source", "cond.clip_path")
 
@@ -193,13 +193,16 @@ def init_params(model, params, source_run, *, class_name: str, identifier: str):
 # ----------------------------------------------------------------------------- prior images
 
 def generate_prior_images(eps_fn, params, schedule, label: int, *, num_images: int, shape, sampler: str,
-                          steps: int | None, seed: int, batch_size: int, data_range: str = "[0,1]") -> np.ndarray:
-    """``num_images`` samples of one label, uint8 ``[N, H, W, C]``; image ``i`` uses ``fold_in(key(seed), i)``."""
+                          steps: int | None, seed: int, batch_size: int, data_range: str = "[0,1]",
+                          prediction: str = "epsilon") -> np.ndarray:
+    """``num_images`` samples of one label, uint8 ``[N, H, W, C]``; image ``i`` uses ``fold_in(key(seed), i)``.
+
+    ``prediction`` is what ``eps_fn`` outputs (``fadjax.diffusion.PREDICTIONS``)."""
     bs = min(int(batch_size), int(num_images))
     out = []
     for ids, n in pipeline.fixed_batches(list(range(num_images)), bs):
         x = sampling.sample(eps_fn, params, schedule, [label] * bs, shape=shape, seed=seed, image_ids=ids,
-                            sampler=sampler, steps=steps)
+                            sampler=sampler, steps=steps, prediction=prediction)
         out.append(sampling.to_uint8(diffusion_lib.from_model_range(x, data_range))[:n])
         logging.info("prior images: %d/%d", ids[n - 1] + 1, num_images)
     return np.concatenate(out)
@@ -302,7 +305,7 @@ def prior_images(config, workdir: pathlib.Path, labels: build.LabelSpace, settin
         eps_fn, params, schedule, settings["class_label"], num_images=db.num_class_images,
         shape=(config.data.image_size, config.data.image_size, config.data.channels),
         sampler=db.prior_sampler, steps=db.prior_steps, seed=db.prior_seed, batch_size=config.sample.batch_size,
-        data_range=config.diffusion.data_range)
+        data_range=config.diffusion.data_range, prediction=config.diffusion.get("prediction", "epsilon"))
     write_prior_cache(path, images, settings)
     logging.info("wrote %d prior images of %r to %s", len(images), db.class_name, path)
     return images, True

@@ -47,7 +47,8 @@ def make_train_step(module, config, par: common.Parallel, *, num_examples: int):
     sources = [pipeline.Source("train", num_examples, config.train.batch_size)]
 
     def draw(step, data):
-        x, y, _ = pipeline.draw_examples(keys, step, data, sources, hflip=config.data.hflip, vflip=config.data.vflip)
+        x, y, _ = pipeline.draw_examples(keys, step, data, sources, hflip=config.data.hflip, vflip=config.data.vflip,
+                                         transpose=bool(config.data.get("transpose", False)))
         return x, y
 
     def loss_fn(params, batch_stats, x, y):
@@ -128,7 +129,8 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     spe = pipeline.steps_per_epoch(num_train, config.train.batch_size)
     total = common.run_length(config.train, spe)
     tx = common.make_optimizer(config.optim)
-    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                    keep_period=checkpoints.even_period(total, config.train.get("keep_evenly")))
     best = checkpoints.Checkpointer(workdir / "best", keep=1, best_mode="max")
     start = distributed.agreed_step(ckpt.latest_step() or 0)
     with phases("init"):

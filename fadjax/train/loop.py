@@ -78,7 +78,8 @@ def run(*, workdir, train_cfg, par: common.Parallel, state, step_fn, step_args: 
     Every ``train_cfg.log_every`` steps (and at each checkpoint) the steps' metrics are checked for
     non-finite values and written (``metrics.jsonl``, TensorBoard, the progress bar); a checkpoint
     (``to_tree`` of the host state, and ``meta`` with the step and the last metrics) is saved every
-    ``train_cfg.checkpoint_every`` steps, at every evaluation and at the end. ``evaluate(step, state)
+    ``train_cfg.checkpoint_every`` steps, at every multiple of ``ckpt.keep_period`` (kept whatever
+    ``keep_checkpoints`` says), at every evaluation and at the end. ``evaluate(step, state)
     -> metrics`` runs every ``eval_every`` steps and at the end. SIGTERM (``fadjax.workdir``) saves the
     current step on every process and raises ``Preempted``.
     """
@@ -95,7 +96,8 @@ def run(*, workdir, train_cfg, par: common.Parallel, state, step_fn, step_args: 
             step += 1
             stop = workdir_lib.stop_requested()  # SIGTERM: every process saves this step and stops.
             do_eval = evaluate is not None and (step % eval_every == 0 or step == total)
-            save_now = step % t.checkpoint_every == 0 or step == total or do_eval or stop
+            save_now = saves_checkpoint(step, total=total, every=t.checkpoint_every,
+                                        keep_period=ckpt.keep_period) or do_eval or stop
             if step % t.log_every == 0 or save_now:
                 last = common.summarise_steps(buf, par, step=step, ckpt=ckpt)
                 last["img_per_s"] = len(buf) * t.batch_size / timer.lap()
@@ -117,6 +119,13 @@ def run(*, workdir, train_cfg, par: common.Parallel, state, step_fn, step_args: 
         writer.close()
         ckpt.wait()
     return {"final_step": step, "last_metrics": last}
+
+
+def saves_checkpoint(step: int, *, total: int, every: int, keep_period: int | None = None) -> bool:
+    """Whether the loop saves a checkpoint after ``step`` (1-based): every ``every`` steps, every multiple of
+    ``keep_period`` (the evenly kept ones, ``train.keep_evenly``) and at the end (evaluations and a SIGTERM
+    save too)."""
+    return step % every == 0 or step == total or bool(keep_period and step % keep_period == 0)
 
 
 def compile_for(step_fn, state, step_args: tuple, *, phases: common.Phases, barrier: str):
