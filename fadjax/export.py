@@ -18,8 +18,10 @@ of an image is its cross-attention context, one token per image (``encoder_hidde
 ``[B, 1, D]``); with ``model.class_to_time`` the same vector is diffusers' ``class_labels`` of the
 "projection" class embedding. Nothing here needs torch: the weights are written with safetensors' numpy API.
 
-Expert runs are refused in one line: their classifier head (Linear-ReLU-Linear) has no counterpart in
-transformers' or torchvision's ResNet classes.
+Expert runs (ResNets) export to transformers: ``ResNetForImageClassification`` when the head is one Linear,
+else ``ResNetModel`` (the backbone, whose pooled output is the aligned feature) plus ``head.safetensors`` (the
+paper's Linear-ReLU-Linear head, which neither transformers' nor torchvision's ResNet classes can hold).
+torchvision's ResNet is not a target: it fixes 3 input channels and the widths 64..512. ViT experts are refused.
 """
 from __future__ import annotations
 
@@ -335,6 +337,104 @@ def model_card(run, settings: dict, conditioning: dict, code: str, summary: dict
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- experts (transformers ResNet)
+
+_RESNET_LEAVES = {("conv", "kernel"): "convolution.weight", ("bn", "scale"): "normalization.weight",
+                  ("bn", "bias"): "normalization.bias", ("bn", "mean"): "normalization.running_mean",
+                  ("bn", "var"): "normalization.running_var"}
+_RESNET_UNIT = re.compile(r"^stage_(?P<stage>\d+)/block_(?P<block>\d+)/(?:conv_(?P<layer>\d+)|shortcut)$")
+
+
+def resnet_state_dict(variables) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A fadjax ResNet's variables as a transformers ``ResNetModel`` state dict, and its head's Linear layers
+    (``hidden``, ``out``) in PyTorch's layout (the reverse of ``fadjax.models.expert.from_pretrained``)."""
+    backbone, head = {}, {}
+    for (collection, *modules, leaf), value in traverse_util.flatten_dict(variables).items():
+        value = np.asarray(value, np.float32)
+        if modules[0] == "head":
+            head[f"{modules[1]}.{'weight' if leaf == 'kernel' else leaf}"] = np.ascontiguousarray(
+                value.T if leaf == "kernel" else value)
+            continue
+        *unit, kind = modules
+        unit = "/".join(unit)
+        if unit == "stem":
+            prefix = "embedder.embedder"
+        else:
+            m = _RESNET_UNIT.match(unit)
+            if m is None or (kind, leaf) not in _RESNET_LEAVES:
+                raise ExportError(f"expert variable {collection}/{'/'.join(modules)}/{leaf}: no transformers ResNet "
+                                  f"counterpart")
+            part = f"layer.{m['layer']}" if m["layer"] is not None else "shortcut"
+            prefix = f"encoder.stages.{int(m['stage']) - 1}.layers.{m['block']}.{part}"
+        if (kind, leaf) not in _RESNET_LEAVES:
+            raise ExportError(f"expert variable {collection}/{'/'.join(modules)}/{leaf}: no transformers ResNet "
+                              f"counterpart")
+        if leaf == "kernel":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        backbone[f"{prefix}.{_RESNET_LEAVES[(kind, leaf)]}"] = np.ascontiguousarray(value)
+        if kind == "bn" and leaf == "mean":
+            backbone[f"{prefix}.normalization.num_batches_tracked"] = np.zeros((), np.int64)
+    return backbone, head
+
+
+def export_expert(workdir, out: pathlib.Path, *, overwrite: bool = False) -> dict:
+    """Exports an expert run's best checkpoint to transformers: a ``ResNetForImageClassification`` when its head is
+    one Linear, else a ``ResNetModel`` (the backbone) and ``head.safetensors`` (Linear-ReLU-Linear)."""
+    from safetensors.numpy import save_file
+    from fadjax.models import expert as expert_lib
+    from fadjax.runs import load_expert_run
+    run = load_expert_run(workdir)
+    module = run.module
+    if not isinstance(module, expert_lib.ResNet):
+        raise ExportError(f"{workdir} is a {type(module).__name__} expert: only ResNet experts export (to "
+                          f"transformers' ResNet classes); the ViT's layout has no transformers counterpart here")
+    _check_out(out, overwrite)
+    backbone, head = resnet_state_dict(run.variables)
+    single = module.head_hidden is None
+    names = list(run.class_names)
+    config = {"model_type": "resnet", "architectures": ["ResNetForImageClassification" if single else "ResNetModel"],
+              "num_channels": run.channels, "embedding_size": module.width,
+              "hidden_sizes": list(module.resolved_stage_widths), "depths": list(module.stage_sizes),
+              "layer_type": module.block, "hidden_act": "relu",
+              "downsample_in_first_stage": module.downsample_in_first_stage,
+              "downsample_in_bottleneck": module.downsample_in_bottleneck,
+              "id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+    out.mkdir(parents=True, exist_ok=True)
+    if single:
+        state = {f"resnet.{k}": v for k, v in backbone.items()}
+        state.update({"classifier.1.weight": head["out.weight"], "classifier.1.bias": head["out.bias"]})
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        code = ["import torch", "from transformers import ResNetForImageClassification",
+                "model = ResNetForImageClassification.from_pretrained(\".\").eval()",
+                f"x = torch.rand(1, {run.channels}, {run.image_size}, {run.image_size})  # images in [0, 1], "
+                "no normalisation", "with torch.no_grad():", "    logits = model(x).logits"]
+    else:
+        save_file(backbone, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(head, str(out / "head.safetensors"), metadata={"format": "pt"})
+        code = ["import torch", "from safetensors.torch import load_file", "from transformers import ResNetModel",
+                "model, head = ResNetModel.from_pretrained(\".\").eval(), load_file(\"head.safetensors\")",
+                f"x = torch.rand(1, {run.channels}, {run.image_size}, {run.image_size})  # images in [0, 1], "
+                "no normalisation", "with torch.no_grad():",
+                "    pooled = model(x).pooler_output.flatten(1)  # the features the U-Net was aligned to",
+                "    hidden = torch.relu(pooled @ head[\"hidden.weight\"].T + head[\"hidden.bias\"])",
+                "    logits = hidden @ head[\"out.weight\"].T + head[\"out.bias\"]"]
+    workdir_lib.write_json(out / "config.json", config)
+    workdir_lib.write_json(out / CONFIG_COPY, run.config.to_dict())
+    card = [f"# {pathlib.Path(workdir).resolve().name}: histology tile classifier (a fadjax expert)", "",
+            f"ResNet ({module.block} blocks, depths {list(module.stage_sizes)}, widths "
+            f"{list(module.resolved_stage_widths)}), step {run.step}, validation accuracy "
+            f"{_pct(run.val_accuracy)}; data `{run.config.data.source}` at {run.image_size} px, {run.channels} "
+            f"channel(s); classes: {', '.join(names)}.",
+            "", ("A transformers `ResNetForImageClassification`." if single else
+                 "A transformers `ResNetModel` (the backbone) and `head.safetensors`, the paper's head "
+                 "Linear-ReLU-Linear, which transformers' and torchvision's ResNet classes (one Linear) cannot hold."),
+            "", "```python", *code, "```", ""]
+    with workdir_lib.atomic_write(out / CARD, "w") as f:
+        f.write("\n".join(card))
+    logging.info("exported expert %s (step %d) to %s", workdir, run.step, out)
+    return {"out": str(out), "step": run.step, "class": config["architectures"][0], "tensors": len(backbone)}
+
+
 # ----------------------------------------------------------------------------- the command
 
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:
@@ -346,20 +446,22 @@ def _check_out(out: pathlib.Path, overwrite: bool) -> None:
 
 def export(workdir, out, *, step: int | None = None, use_ema: bool = True, overwrite: bool = False,
            report: str | None = None, **sampling_overrides) -> dict:
-    """Exports the diffusion run in ``workdir`` to ``out`` (see the module docstring); returns what it wrote.
+    """Exports the run in ``workdir`` to ``out`` (see the module docstring); returns what it wrote.
 
     ``sampling_overrides`` (``sampler``, ``steps``, ``guidance_scale``, ``karras_sigmas``, ``guidance_interval``)
     replace the run's config's sampling settings in the scheduler and the card.
 
     Raises:
-      ExportError: an expert run, a U-Net diffusers cannot express, a non-empty ``out`` without ``overwrite``.
+      ExportError: a ViT expert, a U-Net diffusers cannot express, a non-empty ``out`` without ``overwrite``.
       FileNotFoundError: not a run, or no such checkpoint.
     """
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     record = workdir_lib.read_json(workdir / "run.json")
     if record.get("stage") == "expert":
-        raise ExportError(f"{workdir} is an expert run: its classifier head (Linear-ReLU-Linear) has no "
-                          f"counterpart in transformers' or torchvision's ResNet classes; only diffusion runs export")
+        if step is not None or not use_ema or sampling_overrides:
+            raise ExportError("--step, --no_ema and sampling settings are for diffusion runs; an expert exports "
+                              "its best checkpoint")
+        return export_expert(workdir, out, overwrite=overwrite)
     _check_out(out, overwrite)
     from safetensors.numpy import save_file
     from fadjax.runs import load_diffusion_run
@@ -392,7 +494,7 @@ def export(workdir, out, *, step: int | None = None, use_ema: bool = True, overw
 
 
 FLAGS = cli.Flags("python -m fadjax.export")
-flags.DEFINE_string("workdir", None, "Diffusion run folder.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "Diffusion or expert run folder.", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Output folder (diffusers' layout).", flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
 flags.DEFINE_bool("no_ema", False, "Export the raw parameters, not the EMA.", flag_values=FLAGS)
