@@ -6,6 +6,8 @@ the score tensor by computing blocks of queries and recomputing them in the back
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -66,8 +68,28 @@ def _blocks(q_shape, s: int, max_elements: int) -> tuple[int, int]:
     return items, queries
 
 
+_SIZED_AS: list[str] = []  # The backend `sized_as` names (innermost last); empty = the running one.
+
+
+@contextlib.contextmanager
+def sized_as(backend: str):
+    """Inside the block, 'auto' and 'chunked' pick XLA or blocks of queries as they would on ``backend``
+    ('gpu' or 'tpu': without cuDNN, as a program lowered on a CPU for an accelerator holds; 'cpu')."""
+    if backend not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"sized_as({backend!r}): use 'cpu', 'gpu' or 'tpu'")
+    _SIZED_AS.append(backend)
+    try:
+        yield
+    finally:
+        _SIZED_AS.pop()
+
+
+def _sizing_backend() -> str:
+    return _SIZED_AS[-1] if _SIZED_AS else jax.default_backend()
+
+
 def _chunk_elements() -> int:
-    return CPU_CHUNK_ELEMENTS if jax.default_backend() == "cpu" else CHUNK_ELEMENTS
+    return CPU_CHUNK_ELEMENTS if _sizing_backend() == "cpu" else CHUNK_ELEMENTS
 
 
 def chunked_attention(q, k, v, *, max_elements: int | None = None):
@@ -114,7 +136,7 @@ def choose(q_shape, s: int, implementation: str | None) -> tuple[str, tuple[int,
     """
     b, t, n, _ = q_shape
     if implementation is None:
-        above = CPU_CHUNK_ELEMENTS if jax.default_backend() == "cpu" else AUTO_CHUNK_ABOVE
+        above = CPU_CHUNK_ELEMENTS if _sizing_backend() == "cpu" else AUTO_CHUNK_ABOVE
         implementation = "chunked" if b * n * t * s > above else "xla"
     if implementation != "chunked":
         return implementation, None
