@@ -5,6 +5,7 @@
     python -m fadjax.bench --what sample --config configs/feature_aligned.py --batch 70 --steps 50
     python -m fadjax.bench --what train_step --config configs/feature_aligned.py --max_batch   # GPU
     python -m fadjax.bench --what all --config configs/feature_aligned.py:tiny                # CPU, seconds
+    python -m fadjax.bench --what plan --config configs/feature_aligned.py:fast   # CPU: a plan per accelerator
 
 ``train_step`` times the trainer's own compiled step (``diffusion_stage.make_loss_fn``,
 ``make_draw_fn``, ``make_train_step``: U-Net, the frozen expert on ``x_t``, ``W_p``, cosine loss,
@@ -261,17 +262,30 @@ def model_param_shapes(model, config, text_features):
                           jax.random.key(0))
 
 
-def _make_step(config, model, expert, labels, *, num_examples: int):
-    """The trainer's step for ``config``: ``make_train_step(make_loss_fn(...), make_draw_fn(...))``."""
+def global_batch(config) -> int:
+    """Images per train step: ``train.batch_size``, plus DreamBooth's prior images."""
+    prior = int(config.dreambooth.prior_batch_size) if config.get("dreambooth") and config.dreambooth.enabled else 0
+    return int(config.train.batch_size) + prior
+
+
+def _make_step(config, model, expert, labels, *, data: dict):
+    """The trainer's step for ``config``: ``make_train_step(make_loss_fn(...), draw)``, ``draw`` the plain
+    stage's (``make_draw_fn``) or DreamBooth's (``dreambooth.make_draw``: instance and prior images) over
+    ``data`` (values or shapes: only their lengths are read)."""
     from fadjax.data import pipeline
-    from fadjax.train import common, diffusion_stage
+    from fadjax.train import common, diffusion_stage, dreambooth
     batch = config.train.batch_size
+    num_examples = int(data["labels"].shape[0])
     spe = pipeline.steps_per_epoch(num_examples, batch)
     schedule = diffusion_lib.make_schedule(config.diffusion.num_train_timesteps, config.diffusion.beta_schedule)
     loss_fn = diffusion_stage.make_loss_fn(model, config, schedule, expert)
-    draw = diffusion_stage.make_draw_fn(config, [pipeline.Source("train", num_examples, batch)],
-                                        null_label=labels.null_label)
-    step_fn = diffusion_stage.make_train_step(loss_fn, draw, common.make_parallel(config, batch),
+    if config.get("dreambooth") and config.dreambooth.enabled:
+        lengths = {k: np.zeros(v.shape[0]) for k, v in data.items() if k.endswith("labels")}
+        draw = dreambooth.make_draw(config, lengths, labels.null_label)
+    else:
+        draw = diffusion_stage.make_draw_fn(config, [pipeline.Source("train", num_examples, batch)],
+                                            null_label=labels.null_label)
+    step_fn = diffusion_stage.make_train_step(loss_fn, draw, common.make_parallel(config, global_batch(config)),
                                               schedule=config.optim.schedule,
                                               ema_warmup=bool(config.train.get("ema_warmup", False)))
     hp = diffusion_stage.step_hparams(config, steps_per_epoch=spe, total_steps=common.run_length(config.train, spe))
@@ -291,18 +305,35 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
       on the device(s); ``meta`` describes the setup; ``make_step(config)`` builds the same step for
       a variant of ``config`` (e.g. another attention implementation) over the same expert.
     """
+    return _train_step_parts(config, expert_arch=expert_arch, expert_width=expert_width, num_classes=num_classes,
+                             num_examples=num_examples, rng=np.random.default_rng(seed))
+
+
+def abstract_train_step(config, *, expert_arch: str = "resnet50", expert_width: int | None = None,
+                        num_classes: int = 8, num_examples: int | None = None):
+    """:func:`build_train_step` with nothing allocated: its arguments are ``jax.ShapeDtypeStruct`` leaves
+    carrying the step's shardings (replicated over the mesh, or stacked per device under pmap), for
+    lowering (``step_fn.lower(*args)``, ``jax.export``) or cost analysis at any size. Only the run's
+    scalars (``consts['hp']``) and CLIP text features stay values."""
+    return _train_step_parts(config, expert_arch=expert_arch, expert_width=expert_width, num_classes=num_classes,
+                             num_examples=num_examples, rng=None)
+
+
+def _train_step_parts(config, *, expert_arch, expert_width, num_classes, num_examples, rng):
+    """:func:`build_train_step` (``rng`` draws the weights and data) or :func:`abstract_train_step` (None)."""
     from fadjax import align as align_lib
     from fadjax.models import build
     from fadjax.models import expert as expert_lib
     from fadjax.train import common
 
+    abstract = rng is None
+    fill = (lambda shapes: shapes) if abstract else (lambda shapes: host_random_init(shapes, rng))
     batch = config.train.batch_size
     size, channels = config.data.image_size, config.data.channels
     n = max(int(num_examples or 4000), batch)  # 4000 = Kather's 80% training split.
-    rng = np.random.default_rng(seed)
     labels = _label_space(config, num_classes)
-    text_features = _text_features(config, labels, rng)
-    par = common.make_parallel(config, batch)
+    text_features = _text_features(config, labels, rng if rng is not None else np.random.default_rng(0))
+    par = common.make_parallel(config, global_batch(config))
     model = build.build_diffusion_model(build.unet(config), cond_mode=config.cond.mode, labels=labels)
     dtype = config_lib.compute_dtype(config)
 
@@ -310,41 +341,59 @@ def build_train_step(config, *, expert_arch: str = "resnet50", expert_width: int
     consts = {"text_features": text_features}
     meta = {"align": bool(config.align.enabled), "num_examples": n, "parallel": config.parallel,
             "devices_used": par.num_devices}
-    params = {**host_random_init(model_param_shapes(model, config, text_features), rng)}
+    params = {**fill(model_param_shapes(model, config, text_features))}
     if config.align.enabled:
         expert = expert_lib.build_expert(expert_arch, num_classes=None, dtype=dtype,
                                          **({"width": expert_width} if expert_width else {}))
         e_size = config.align.expert_resize or size
         x = jax.ShapeDtypeStruct((1, e_size, e_size, channels), jnp.float32)
-        expert_vars = host_random_init(
-            jax.eval_shape(lambda x: expert.init(jax.random.key(0), x, train=False), x), rng)
-        e_shapes = jax.eval_shape(lambda v, x: expert.apply(v, x, train=False)[1], expert_vars, x)
+        e_vars_shape = jax.eval_shape(lambda x: expert.init(jax.random.key(0), x, train=False), x)
+        expert_vars = fill(e_vars_shape)
+        e_shapes = jax.eval_shape(lambda v, x: expert.apply(v, x, train=False)[1], e_vars_shape, x)
         u_shapes = model.feature_shapes(image_size=size, channels=channels)
-        e_dim = e_shapes[config.align.expert_feature].shape[-1]
-        u_dim = u_shapes[config.align.unet_feature][-1]
-        proj = jax.eval_shape(lambda k: align_lib.init_projection(k, e_dim, u_dim), jax.random.key(0))
-        params["proj"] = host_random_init(proj, rng)
+        d_in, d_out = align_lib.projector_io(config.align.get("mode", "pooled"),
+                                             expert_dim=e_shapes[config.align.expert_feature].shape[-1],
+                                             unet_dim=u_shapes[config.align.unet_feature][-1])
+        proj = jax.eval_shape(lambda k: align_lib.init_projector(
+            k, d_in, d_out, kind=config.align.get("projector", "linear"),
+            hidden=config.align.get("projector_hidden", 256)), jax.random.key(0))
+        params["proj"] = fill(proj)
         consts["expert"] = expert_vars
         meta.update(expert=f"random {expert_arch}" + (f" width {expert_width}" if expert_width else ""),
                     expert_params=sum(x.size for x in jax.tree.leaves(expert_vars["params"])),
-                    unet_feature=config.align.unet_feature, projection=[e_dim, u_dim])
+                    unet_feature=config.align.unet_feature, projection=[d_in, d_out])
     meta["params"] = sum(x.size for x in jax.tree.leaves(params))
     meta["param_dtype"] = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
 
-    def make_step(c):
-        return _make_step(c, build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode, labels=labels), expert, labels, num_examples=n)
+    if abstract:
+        data = {"images": jax.ShapeDtypeStruct((n, size, size, channels), jnp.uint8),
+                "labels": jax.ShapeDtypeStruct((n,), jnp.int32)}
+    else:
+        data = {"images": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
+                "labels": rng.integers(0, num_classes, (n,)).astype(np.int32)}
+    if config.get("dreambooth") and config.dreambooth.enabled and config.dreambooth.prior_batch_size:
+        m = int(config.dreambooth.num_class_images)  # DreamBooth: the class-prior images beside the instance's.
+        data["prior_images"] = (jax.ShapeDtypeStruct((m, size, size, channels), jnp.uint8) if abstract
+                                else rng.integers(0, 256, (m, size, size, channels), dtype=np.uint8))
+        data["prior_labels"] = (jax.ShapeDtypeStruct((m,), jnp.int32) if abstract
+                                else rng.integers(0, num_classes, (m,)).astype(np.int32))
 
-    step_fn, tx, consts["hp"] = _make_step(config, model, expert, labels, num_examples=n)
-    ema_decay = config.train.ema_decay
+    def make_step(c):
+        return _make_step(c, build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode, labels=labels), expert, labels, data=data)
+
+    step_fn, tx, consts["hp"] = _make_step(config, model, expert, labels, data=data)
+    from fadjax.train import diffusion_stage
+    ema = diffusion_stage.uses_ema(config.train)
 
     @jax.jit
     def fresh_state(p):
-        ema = jax.tree.map(jnp.copy, p) if ema_decay is not None else None
-        return common.TrainState.create(apply_fn=None, params=p, tx=tx, ema_params=ema)
+        e = jax.tree.map(jnp.copy, p) if ema else None
+        return common.TrainState.create(apply_fn=None, params=p, tx=tx, ema_params=e)
 
+    if abstract:
+        state = jax.eval_shape(fresh_state, params)
+        return step_fn, par.abstract_replicated((state, data, consts)), meta, make_step
     state = fresh_state(params)
-    data = {"images": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
-            "labels": rng.integers(0, num_classes, (n,)).astype(np.int32)}
     state = par.put_replicated(state)
     data, consts = par.put_replicated((data, consts))
     return step_fn, (state, data, consts), meta, make_step
@@ -516,15 +565,8 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
     compile_s = time.perf_counter() - t0
     info = inspect_compiled(compiled, calls)
 
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.model.attention = "xla"
-    xla_eps = eps_fn_of(build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode, labels=labels_space))
-    evals = batch * (2 if guidance != 1.0 else 1)
-    x = jax.ShapeDtypeStruct((evals, size, size, channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((evals,), jnp.int32)
-    y = jax.ShapeDtypeStruct((evals,), jnp.int32)
-    per_eval = _cost(jax.jit(xla_eps).lower(params, x, t, y)).get("flops")
-    flops_model = per_eval * model_calls if per_eval else None
+    flops_model = sample_flops(config, params, batch=batch, guided=guidance != 1.0, model_calls=model_calls,
+                               labels=labels_space, text_features=text_features)
 
     box = {}
 
@@ -543,6 +585,161 @@ def bench_sample(config, *, batch: int, steps: int | None, sampler: str | None, 
              "warmup": timing.warmup, "iters": timing.iters, "repeats": timing.repeats}
     return _result("sample", config, batch=batch, images_per_call=batch, per_call=per_call, compile_s=compile_s,
                    info=info, flops_model=flops_model, extra=extra)
+
+
+def sample_flops(config, params, *, batch: int, guided: bool, model_calls: int, labels, text_features=None):
+    """FLOPs of one sampling call: ``model_calls`` U-Net calls on ``batch`` images (twice that many rows when
+    ``guided``), each counted by XLA's cost analysis of one call lowered with XLA attention (not compiled:
+    a compiled loop's analysis counts its body once). ``params`` may be ShapeDtypeStructs."""
+    from fadjax.models import build
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.attention = "xla"
+    model = build.build_diffusion_model(build.unet(c), cond_mode=c.cond.mode, labels=labels)
+
+    def xla_eps(params, x, t, y):
+        return model(params, x, t, y, text_features)[0]
+
+    size, channels = config.data.image_size, config.data.channels
+    evals = batch * (2 if guided else 1)
+    x = jax.ShapeDtypeStruct((evals, size, size, channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((evals,), jnp.int32)
+    per_eval = _cost(jax.jit(xla_eps).lower(params, x, t, t)).get("flops")
+    return per_eval * model_calls if per_eval else None
+
+
+# ----------------------------------------------------------------------------- plan (no accelerator)
+
+# Accelerators a plan is made for: memory per chip (bytes, as sold: GB = 1e9, GiB = 2^30) and dense peak
+# TFLOP/s per chip for bf16 and for float32 as JAX runs it by default (GPU: TF32 tensor cores; TPU: one bf16
+# pass, the bf16 peak). Sources: NVIDIA H100 SXM and H200 SXM datasheets (2023/2024: bf16 989.4, TF32 494.7
+# dense, 80 GB HBM3 / 141 GB HBM3e); Google Cloud TPU docs, "TPU v5e" and "TPU v4" system architecture pages
+# (v5e: 197 bf16 TFLOP/s, 16 GiB HBM2 per chip; v4: 275 bf16 TFLOP/s, 32 GiB HBM2 per chip).
+ACCELERATORS = {
+    "H100": {"memory_bytes": 80 * 10**9, "peak_tflops": {"bfloat16": 989.4, "float32": 494.7},
+             "source": "NVIDIA H100 SXM datasheet (dense; float32 = TF32)"},
+    "H200": {"memory_bytes": 141 * 10**9, "peak_tflops": {"bfloat16": 989.4, "float32": 494.7},
+             "source": "NVIDIA H200 SXM datasheet (dense; float32 = TF32)"},
+    "TPU v5e": {"memory_bytes": 16 * 2**30, "peak_tflops": {"bfloat16": 197.0, "float32": 197.0},
+                "source": "Google Cloud TPU v5e docs (per chip; float32 matmuls run as one bf16 pass by default)"},
+    "TPU v4": {"memory_bytes": 32 * 2**30, "peak_tflops": {"bfloat16": 275.0, "float32": 275.0},
+               "source": "Google Cloud TPU v4 docs (per chip; float32 matmuls run as one bf16 pass by default)"},
+}
+# Share of an accelerator's memory a program may use: JAX preallocates 75% by default, bench/run_h200.sh 90%.
+USABLE_MEMORY = 0.90
+# Share of peak FLOP/s the predicted step time assumes (an assumption, not a measurement: bench/results'
+# plan markdown compares it with the H200 measurement of the paper's PyTorch step).
+DEFAULT_SHARE = 0.35
+
+
+def _linear(b0: int, y0: float, b1: int, y1: float) -> tuple[float, float]:
+    """(fixed, per image) of a line through (b0, y0) and (b1, y1)."""
+    per = (y1 - y0) / (b1 - b0)
+    return y0 - per * b0, per
+
+
+def plan(config, *, config_name: str | None = None, batch: int | None = None, share: float = DEFAULT_SHARE,
+         expert_arch: str = "resnet50", expert_width: int | None = None, num_classes: int = 8,
+         compile_memory: bool = True) -> dict[str, Any]:
+    """What the train step and a sampling call of ``config`` need on an accelerator, computed on this machine.
+
+    On one device at ``batch`` (default the config's) and at twice it: the state's bytes (parameters, Adam,
+    EMA, the frozen expert); FLOPs (XLA's cost analysis of the lowered step, XLA attention) and program bytes
+    (XLA's memory analysis of the step compiled for this CPU, attention sized as on a TPU or a GPU without
+    cuDNN: ``attention.sized_as('tpu')``), each split into a per-step and a per-image part by the two batches;
+    FLOPs per image of one sampling call at the config's sampler and steps; per accelerator of
+    :data:`ACCELERATORS`, the largest batch whose program fits in ``USABLE_MEMORY`` of its memory and the step
+    time at ``share`` of its peak FLOP/s. ``compile_memory=False`` skips the compiles (no memory numbers).
+    """
+    from fadjax import sampling
+    from fadjax.models import build
+    if not 0 < share <= 1:
+        raise ValueError(f"share={share}: a fraction of peak FLOP/s in (0, 1]")
+    b0 = int(batch or config.train.batch_size)
+    b1 = 2 * b0
+    dtype = config.dtype
+    base = prepare_config(config, what="train_step" if config.align.enabled else "baseline_step", batch=b0,
+                          expert_arch=expert_arch)
+    base.num_devices, base.parallel = 1, "sharded"
+    kw = dict(expert_arch=expert_arch, expert_width=expert_width, num_classes=num_classes)
+    t_start = time.perf_counter()
+
+    flops, program, sources = {}, {}, {}
+    for b in (b0, b1):
+        c = ml_collections.ConfigDict(base.to_dict())
+        c.train.batch_size = b
+        c.model.attention = "xla"
+        step_fn, args, meta, _ = abstract_train_step(c, **kw)
+        flops[b] = _cost(step_fn.lower(*args)).get("flops")
+        if compile_memory:
+            c.model.attention = config.model.attention if config.model.attention != "cudnn" else "auto"
+            step_fn, args, _, _ = abstract_train_step(c, **kw)
+            with attention_lib.sized_as("tpu"), record_attention() as calls:
+                lowered = step_fn.lower(*args)
+            program[b] = inspect_compiled(lowered.compile(), calls)["program_bytes"]
+            sources[b] = dict(calls)
+    state, data, consts = args
+
+    def nbytes(tree):
+        return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+    out = {"what": "plan", "config": config_name, "batch": b0, "dtype": dtype, "devices_used": 1,
+           "params": meta["params"], "param_bytes": nbytes(state.params), "opt_state_bytes": nbytes(state.opt_state),
+           "ema_bytes": nbytes(state.ema_params), "expert": meta.get("expert"), "expert_params": meta.get("expert_params"),
+           "expert_bytes": nbytes(consts.get("expert")), "data_bytes": nbytes(data)}
+    out["state_bytes"] = out["param_bytes"] + out["opt_state_bytes"] + out["ema_bytes"]
+    fixed, per = _linear(b0, flops[b0], b1, flops[b1]) if flops[b0] and flops[b1] else (None, None)
+    out.update(train_flops={str(b): flops[b] for b in (b0, b1)}, train_flops_per_image=per,
+               train_flops_per_step_fixed=fixed, train_flops_source="XLA cost analysis of the lowered step "
+               "(XLA attention, one device)")
+
+    s_cfg = config.sample
+    sampler = s_cfg.sampler
+    steps = sampling.resolve_steps(config.diffusion.num_train_timesteps, sampler, s_cfg.steps)
+    labels = _label_space(config, num_classes)
+    guided = labels.has_null and float(s_cfg.guidance_scale) != 1.0
+    calls_per = 2 * steps - 1 if sampler == "heun" else steps
+    model = build.build_diffusion_model(build.unet(base), cond_mode=base.cond.mode, labels=labels)
+    text_features = _text_features(base, labels, np.random.default_rng(0))
+    sb = int(s_cfg.batch_size)
+    sf = sample_flops(base, model_param_shapes(model, base, text_features), batch=sb, guided=guided,
+                      model_calls=calls_per, labels=labels, text_features=text_features)
+    out["sample"] = {"sampler": sampler, "steps": steps, "unet_calls": calls_per, "guided": guided,
+                     "batch": sb, "flops_per_image": sf / sb if sf else None,
+                     "source": "XLA cost analysis of one lowered U-Net call x U-Net calls (every call counted "
+                               "as guided when guidance is on)"}
+
+    if compile_memory:
+        m_fixed, m_per = (int(round(v)) for v in _linear(b0, program[b0], b1, program[b1]))
+        out["memory"] = {
+            "program_bytes": {str(b): program[b] for b in (b0, b1)}, "fixed_bytes": m_fixed,
+            "per_image_bytes": m_per, "activation_bytes_at_batch": m_per * b0,
+            "attention_calls": {str(b): sources[b] for b in (b0, b1)},
+            "source": "compiled: XLA's memory analysis (arguments + outputs + temporaries - donated) of the step "
+                      "compiled for this CPU, attention sized as on a TPU / a GPU without cuDNN; a GPU or TPU "
+                      "compiler fuses and schedules differently, so it is an estimate"}
+    peaks = {}
+    for name, acc in ACCELERATORS.items():
+        peak = acc["peak_tflops"]["bfloat16" if dtype == "bfloat16" else "float32"]
+        row = {"memory_bytes": acc["memory_bytes"], "usable_bytes": int(USABLE_MEMORY * acc["memory_bytes"]),
+               "peak_tflops": peak, "peak_source": acc["source"], "share_of_peak": share}
+        if compile_memory and m_per > 0:
+            fit = (row["usable_bytes"] - m_fixed) // m_per
+            row["max_batch"] = max(fit, 0)
+            row["max_batch_multiple_of_8"] = max(fit, 0) // 8 * 8
+        if per is not None:
+            step_flops = fixed + per * b0
+            row["predicted_step_ms"] = round(step_flops / (share * peak * 1e12) * 1e3, 3)
+            row["predicted_img_per_s"] = round(b0 / (step_flops / (share * peak * 1e12)), 1)
+            if row.get("max_batch"):
+                mb = row["max_batch"]
+                row["predicted_img_per_s_at_max_batch"] = round(mb / ((fixed + per * mb) / (share * peak * 1e12)), 1)
+            if sf:
+                row["predicted_sample_s_per_image"] = sf / sb / (share * peak * 1e12)
+        peaks[name] = row
+    out["accelerators"] = peaks
+    out["plan_s"] = round(time.perf_counter() - t_start, 1)
+    out.update(environment())
+    return out
 
 
 # ----------------------------------------------------------------------------- command line
@@ -569,22 +766,30 @@ def run(config, *, what: str, config_name: str | None = None, batch: int | None 
         sampler: str | None = None, warmup: int | None = None, iters: int | None = None,
         repeats: int | None = None, max_batch: bool = False, max_batch_time_s: float = 240.0,
         expert_arch: str | None = None, expert_width: int | None = None, num_classes: int = 8,
-        jsonl: str | None = None) -> list[dict]:
-    """Runs the benchmarks ``what`` names (``all``: each), emitting one JSON line per result.
+        jsonl: str | None = None, share: float = DEFAULT_SHARE) -> list[dict]:
+    """Runs the benchmarks ``what`` names (``all``: each; ``plan``: :func:`plan`, nothing timed), emitting one
+    JSON line per result.
 
     The random expert defaults to the one ``configs/expert.py`` builds for the same variant as
     ``config_name`` (``...py:tiny``: a width-8 ResNet-18; otherwise ResNet-50).
     """
     whats = WHATS if what == "all" else (what,)
+    if what == "plan":
+        whats = ()
     if expert_arch is None:
         variant = config_name.split(":", 1)[1] if config_name and ":" in config_name else None
         e = config_lib.load("expert", variant).expert
         expert_arch = e.arch
         expert_width = expert_width or (e.width if e.width != 64 else None)
     out = []
+    if what == "plan":
+        r = plan(config, config_name=config_name, batch=batch, share=share, expert_arch=expert_arch,
+                 expert_width=expert_width, num_classes=num_classes)
+        emit(r, jsonl)
+        out.append(r)
     for w in whats:
         if w not in WHATS:
-            raise ValueError(f"--what {w!r}: use one of {WHATS + ('all',)}")
+            raise ValueError(f"--what {w!r}: use one of {WHATS + ('all', 'plan')}")
         b = batch or (config.sample.batch_size if w == "sample" else config.train.batch_size)
         c = prepare_config(config, what=w, batch=b, dtype=dtype, attention=attention, expert_arch=expert_arch)
         timing = default_timing(w, warmup=warmup, iters=iters, repeats=repeats)
@@ -618,7 +823,10 @@ def _define_flags():
     from absl import flags
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=False)
-    flags.DEFINE_enum("what", "train_step", WHATS + ("all",), "What to time.")
+    flags.DEFINE_enum("what", "train_step", WHATS + ("all", "plan"),
+                      "What to time; 'plan': memory, FLOPs, largest batch and predicted step time per accelerator "
+                      "(computed here, nothing timed).")
+    flags.DEFINE_float("share", DEFAULT_SHARE, "plan: share of peak FLOP/s the predicted step times assume.")
     flags.DEFINE_integer("batch", None, "Batch size (default: the config's train/sample batch size).")
     flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES), "Compute dtype (default: the config's).")
     flags.DEFINE_enum("attention", None, ["auto", "cudnn", "xla", "chunked"], "Attention implementation (default: the config's).")
@@ -647,7 +855,7 @@ def main(argv):
     results = run(f.config, what=f.what, config_name=config_name, batch=f.batch, dtype=f.dtype, attention=f.attention,
         steps=f.steps, sampler=f.sampler, warmup=f.warmup, iters=f.iters, repeats=f.repeats,
         max_batch=f.max_batch, max_batch_time_s=f.max_batch_time_s, expert_arch=f.expert_arch,
-        expert_width=f.expert_width, num_classes=f.num_classes, jsonl=f.jsonl)
+        expert_width=f.expert_width, num_classes=f.num_classes, jsonl=f.jsonl, share=f.share)
     return 1 if any("error" in r for r in results) else 0
 
 

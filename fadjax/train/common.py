@@ -85,6 +85,16 @@ class Parallel:
 
         return jax.tree.map(put, tree)
 
+    def abstract_replicated(self, tree):
+        """``put_replicated``'s placement without values: ``jax.ShapeDtypeStruct`` leaves with its shapes and
+        shardings (for lowering a step on abstract inputs)."""
+        def spec(x):
+            x = jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else np.asarray(x)
+            shape = ((self.num_devices,) if self.mode == "pmap" else ()) + tuple(x.shape)
+            sharding = self.batch_sharded if self.mode == "pmap" else self.replicated
+            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+        return jax.tree.map(spec, tree)
+
     def unreplicate(self, tree):
         """The one copy of a replicated pytree (the first device's under pmap)."""
         if self.mode == "pmap":
