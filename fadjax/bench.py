@@ -255,11 +255,24 @@ def host_random_init(shapes, rng: np.random.Generator):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+_SHAPES: dict = {}  # Traced shapes by what determines them (tracing a full-size U-Net's init takes seconds).
+
+
+def _shapes_once(key, fn):
+    """``fn()`` the first time ``key`` is asked for, the same (immutable) shapes after."""
+    if key not in _SHAPES:
+        _SHAPES[key] = fn()
+    return _SHAPES[key]
+
+
 def model_param_shapes(model, config, text_features):
     """The ``{'unet', 'cond'}`` parameter tree of ``model`` as ShapeDtypeStructs (nothing computed)."""
     size, channels = config.data.image_size, config.data.channels
-    return jax.eval_shape(lambda k: model.init(k, image_size=size, channels=channels, text_features=text_features),
-                          jax.random.key(0))
+    fn = lambda: jax.eval_shape(lambda k: model.init(k, image_size=size, channels=channels,  # noqa: E731
+                                                     text_features=text_features), jax.random.key(0))
+    if text_features is not None:
+        return fn()
+    return _shapes_once(("params", repr(model), size, channels), fn)
 
 
 def global_batch(config) -> int:
@@ -347,10 +360,13 @@ def _train_step_parts(config, *, expert_arch, expert_width, num_classes, num_exa
                                          **({"width": expert_width} if expert_width else {}))
         e_size = config.align.expert_resize or size
         x = jax.ShapeDtypeStruct((1, e_size, e_size, channels), jnp.float32)
-        e_vars_shape = jax.eval_shape(lambda x: expert.init(jax.random.key(0), x, train=False), x)
+        e_vars_shape = _shapes_once(("expert", repr(expert), e_size, channels), lambda: jax.eval_shape(
+            lambda x: expert.init(jax.random.key(0), x, train=False), x))
         expert_vars = fill(e_vars_shape)
-        e_shapes = jax.eval_shape(lambda v, x: expert.apply(v, x, train=False)[1], e_vars_shape, x)
-        u_shapes = model.feature_shapes(image_size=size, channels=channels)
+        e_shapes = _shapes_once(("expert features", repr(expert), e_size, channels), lambda: jax.eval_shape(
+            lambda v, x: expert.apply(v, x, train=False)[1], e_vars_shape, x))
+        u_shapes = _shapes_once(("features", repr(model), size, channels),
+                                lambda: model.feature_shapes(image_size=size, channels=channels))
         d_in, d_out = align_lib.projector_io(config.align.get("mode", "pooled"),
                                              expert_dim=e_shapes[config.align.expert_feature].shape[-1],
                                              unet_dim=u_shapes[config.align.unet_feature][-1])
@@ -728,11 +744,11 @@ def plan(config, *, config_name: str | None = None, batch: int | None = None, sh
             row["max_batch_multiple_of_8"] = max(fit, 0) // 8 * 8
         if per is not None:
             step_flops = fixed + per * b0
-            row["predicted_step_ms"] = round(step_flops / (share * peak * 1e12) * 1e3, 3)
-            row["predicted_img_per_s"] = round(b0 / (step_flops / (share * peak * 1e12)), 1)
+            row["predicted_step_ms"] = float(f"{step_flops / (share * peak * 1e12) * 1e3:.4g}")
+            row["predicted_img_per_s"] = float(f"{b0 / (step_flops / (share * peak * 1e12)):.4g}")
             if row.get("max_batch"):
                 mb = row["max_batch"]
-                row["predicted_img_per_s_at_max_batch"] = round(mb / ((fixed + per * mb) / (share * peak * 1e12)), 1)
+                row["predicted_img_per_s_at_max_batch"] = float(f"{mb / ((fixed + per * mb) / (share * peak * 1e12)):.4g}")
             if sf:
                 row["predicted_sample_s_per_image"] = sf / sb / (share * peak * 1e12)
         peaks[name] = row

@@ -17,7 +17,7 @@ REQUIRED = ("what", "config", "batch", "dtype", "img_per_s", "step_time_ms", "co
             "attention", "attention_requested", "program_bytes")
 
 
-def _bench(*args, tmp_path):
+def _bench(*args, tmp_path, config="configs/feature_aligned.py:tiny"):
     """``python -m fadjax.bench`` on one CPU device, as a user runs it; returns its JSON lines."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device, not conftest's eight.
     # Cheap CPU code generation and the test suite's compilation cache keep the test fast.
@@ -28,7 +28,7 @@ def _bench(*args, tmp_path):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     jsonl = tmp_path / "out.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "fadjax.bench", "--config", "configs/feature_aligned.py:tiny", "--jsonl", str(jsonl),
+        [sys.executable, "-m", "fadjax.bench", "--config", config, "--jsonl", str(jsonl),
          "--warmup", "1", "--iters", "1", "--repeats", "2", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +67,56 @@ def test_cli_sample(tmp_path):
     assert r["img_per_s_at_1000_steps"] == pytest.approx(r["img_per_s"] * 3 / 1000, rel=1e-2)
     # The compiled loop's cost analysis counts its body once; flops_model counts every step.
     assert r["flops_model"] > 2 * r["flops"]
+
+
+def test_cli_plan_is_self_consistent(tmp_path):
+    """``--what plan`` on the micro config: each number follows from the others as documented."""
+    from fadjax import bench
+    (r,) = _bench("--what", "plan", "--share", "0.5", tmp_path=tmp_path, config="configs/feature_aligned.py:micro")
+    assert r["what"] == "plan" and r["config"] == "configs/feature_aligned.py:micro"
+    b0, b1 = r["batch"], 2 * r["batch"]
+    assert b0 == 8 and r["dtype"] == "float32" and r["backend"] == "cpu"
+    # State: float32 parameters, Adam's two moments of each (and its step counters), no EMA in micro.
+    assert r["param_bytes"] == 4 * r["params"]
+    assert 2 * r["param_bytes"] <= r["opt_state_bytes"] <= 2 * r["param_bytes"] + 64
+    assert r["ema_bytes"] == 0 and r["state_bytes"] == r["param_bytes"] + r["opt_state_bytes"]
+    assert r["expert"] == "random resnet18 width 4" and r["expert_bytes"] > 0  # configs/expert.py:micro's expert.
+    # FLOPs: the per-image part times the batch plus the per-step part gives each batch's count.
+    flops = {int(k): v for k, v in r["train_flops"].items()}
+    assert flops[b1] > flops[b0] > 0 and r["train_flops_per_image"] > 0
+    for b in (b0, b1):
+        assert r["train_flops_per_step_fixed"] + r["train_flops_per_image"] * b == pytest.approx(flops[b], rel=1e-9)
+    s = r["sample"]
+    assert s["sampler"] == "ddim" and s["steps"] == s["unet_calls"] == 4 and s["flops_per_image"] > 0
+    # Memory: each program holds at least its arguments (state, frozen expert, data); the line through the
+    # two batches' program bytes gives the per-step and per-image parts.
+    m = r["memory"]
+    assert m["per_image_bytes"] > 0 and m["source"].startswith("compiled")
+    program = {int(k): v for k, v in m["program_bytes"].items()}
+    assert program[b0] >= r["state_bytes"] + r["expert_bytes"] + r["data_bytes"]
+    for b in (b0, b1):
+        assert m["fixed_bytes"] + m["per_image_bytes"] * b == pytest.approx(program[b], abs=b)
+    accs = r["accelerators"]
+    assert list(accs) == ["H100", "H200", "TPU v5e", "TPU v4"]
+    for name, a in accs.items():
+        spec = bench.ACCELERATORS[name]
+        assert a["usable_bytes"] == int(bench.USABLE_MEMORY * spec["memory_bytes"])
+        # The largest batch fits the usable memory, one more image does not.
+        n = a["max_batch"]
+        assert m["fixed_bytes"] + n * m["per_image_bytes"] <= a["usable_bytes"]
+        assert m["fixed_bytes"] + (n + 1) * m["per_image_bytes"] > a["usable_bytes"]
+        assert a["max_batch_multiple_of_8"] % 8 == 0 and a["max_batch_multiple_of_8"] <= n
+        # The predicted step: the step's FLOPs at half the float32 peak.
+        assert a["peak_tflops"] == spec["peak_tflops"]["float32"] and a["share_of_peak"] == 0.5
+        assert a["predicted_step_ms"] == pytest.approx(flops[b0] / (0.5 * a["peak_tflops"] * 1e12) * 1e3, rel=1e-3)
+        assert a["predicted_img_per_s"] == pytest.approx(b0 / (a["predicted_step_ms"] / 1e3), rel=1e-2)
+    assert accs["H200"]["max_batch"] > accs["H100"]["max_batch"] > accs["TPU v4"]["max_batch"] > accs["TPU v5e"]["max_batch"]
+
+
+def test_plan_refuses_a_share_outside_0_1():
+    from fadjax import bench, config_lib
+    with pytest.raises(ValueError, match=r"^share=1.5: a fraction of peak FLOP/s in \(0, 1\]$"):
+        bench.plan(config_lib.load("feature_aligned", "micro"), share=1.5)
 
 
 def test_summarise(tmp_path):
