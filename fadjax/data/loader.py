@@ -24,7 +24,7 @@ def load(source: str, *, image_size: int, channels: int,
          classes: str | Iterable[str] | None = None, skip_bad_files: bool = False,
          cache: str | None = None, data_dir: str | None = None, manual_dir: str | None = None,
          progress: bool = True,
-         on_scan: Callable[[sources.ScanReport], None] | None = None) -> Dataset:
+         on_scan: Callable[[sources.ScanReport], None] | None = None, mmap: bool = False) -> Dataset:
     """Loads a dataset, through a cache when one is given.
 
     With `cache` set, a cache that matches the request (format version, source string, every
@@ -49,6 +49,8 @@ def load(source: str, *, image_size: int, channels: int,
       progress: show a progress bar while decoding.
       on_scan: called with the `sources.ScanReport` when the source is read (not when served
         from the cache), before an error about bad files is raised.
+      mmap: with a cache, its images memory-mapped (read-only) rather than read into memory. A
+        cache is built in chunks (a folder source is never held whole in memory), then read back.
 
     Returns:
       The `Dataset`: images uint8 `[N, image_size, image_size, channels]`, labels int32 `[N]`.
@@ -66,7 +68,7 @@ def load(source: str, *, image_size: int, channels: int,
             dataset = cache_lib.read(
                 cache, config,
                 class_names=sources.class_names(source, classes=classes, data_dir=data_dir) if here else None,
-                files=sources.image_files(source, classes=classes) if here else None)
+                files=sources.image_files(source, classes=classes) if here else None, mmap=mmap)
         except DataError as e:
             if not here:
                 note = (f"The source {source!r} is not available here to rebuild it; load with the "
@@ -87,11 +89,18 @@ def load(source: str, *, image_size: int, channels: int,
         if on_scan is not None:
             on_scan(report)
 
+    if cache is not None:  # Decoded in chunks straight into the cache, then read back from it.
+        with cache_lib.CacheWriter(cache) as writer:
+            labels, class_names, files = sources.read(
+                source, image_size=image_size, channels=channels, classes=classes,
+                skip_bad_files=skip_bad_files, data_dir=data_dir, manual_dir=manual_dir, progress=progress,
+                on_scan=scanned, sink=writer.append)
+            logging.info("Read %d images of %d classes from %s", len(labels), len(class_names), source)
+            writer.finish(labels, class_names, files, config, skipped=skipped)
+        logging.info("Wrote cache %s", cache)
+        return cache_lib.read_any(cache, mmap=mmap)[0]
     dataset = sources.read(source, image_size=image_size, channels=channels, classes=classes,
                            skip_bad_files=skip_bad_files, data_dir=data_dir,
                            manual_dir=manual_dir, progress=progress, on_scan=scanned)
     logging.info("Read %d images of %d classes from %s", len(dataset), dataset.num_classes, source)
-    if cache is not None:
-        cache_lib.write(cache, dataset, config, skipped=skipped)
-        logging.info("Wrote cache %s", cache)
     return dataset

@@ -1,7 +1,9 @@
 """Every batch fadjax makes: the training steps' draws and the fixed-size batches of inference.
 
 Training (inside the compiled step): the uint8 images stay on the device(s) (Kather at 64x64 is
-19 MB) and each step gathers its batch there. Batch composition is a pure function of the run's
+19 MB) and each step gathers its batch there; a set too large for the device stays on the host
+instead (``data.placement``, :mod:`fadjax.data.host_feed`), which gathers the same examples and
+hands them to the step, where the same augmentation runs. Batch composition is a pure function of the run's
 seed and the step (:class:`RunKeys`): `batch_indices` permutes a source's examples once per epoch
 (`fold_in(key, epoch)`) and slices out the step's batch, dropping the remainder; indices are
 global, so the batches are the same whatever the device or process count; `draw_examples`
@@ -35,12 +37,17 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
+def epoch_order(key: jax.Array, epoch, num_examples: int) -> jax.Array:
+    """The order of an epoch's examples: ``jax.random.permutation(fold_in(key, epoch), num_examples)``."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
 def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -> jax.Array:
     """The global batch of a step, as example indices; jittable (`step` may be traced).
 
-    epoch = step // steps_per_epoch; the epoch's order is
-    `jax.random.permutation(fold_in(key, epoch), num_examples)`, and the step takes its
-    `batch_size` consecutive entries. Every epoch visits each example at most once.
+    epoch = step // steps_per_epoch; the epoch's order is :func:`epoch_order` (`jax.random.permutation(
+    fold_in(key, epoch), num_examples)`), and the step takes its `batch_size` consecutive entries. Every
+    epoch visits each example at most once.
 
     Args:
       key: the data-order key (the same at every step).
@@ -54,7 +61,7 @@ def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -
     per_epoch = steps_per_epoch(num_examples, batch_size)
     step = jnp.asarray(step, jnp.int32)
     epoch, position = step // per_epoch, step % per_epoch
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)  # [N]
+    order = epoch_order(key, epoch, num_examples)  # [N]
     return jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,)).astype(jnp.int32)
 
 
@@ -136,19 +143,35 @@ class Source:
     weight: float = 1.0
 
 
-def draw_examples(keys: RunKeys, step, data: dict, sources: Sequence[Source], *, hflip: bool, vflip: bool,
-                  transpose: bool = False):
-    """The step's global batch: ``(x float32 [B,H,W,C] in [0, 1], flipped; labels int32 [B]; weights [B])``,
-    the sources' examples one after the other (``B`` = the sum of their batch sizes); jittable."""
+# The key of ``draw_examples``'s ``data`` that holds a batch gathered on the host (``fadjax.data.host_feed``):
+# ``{GATHERED: {"images": uint8 [B,H,W,C], "labels": int32 [B]}}``, the step's examples in the sources' order.
+GATHERED = "gathered"
+
+
+def gather_examples(keys: RunKeys, step, data: dict, sources: Sequence[Source]):
+    """The step's examples before augmentation: ``(uint8 [B,H,W,C], int32 [B])``, the sources' examples one
+    after the other; jittable. On the host path ``data`` holds them already (``data[GATHERED]``, gathered
+    by ``fadjax.data.host_feed`` with the same :func:`batch_indices`)."""
+    if GATHERED in data:
+        return data[GATHERED]["images"], data[GATHERED]["labels"]
     xs, ys = [], []
     for s in sources:
         idx = batch_indices(keys.order(s.name), step, num_examples=s.num_examples, batch_size=s.batch_size)
         xs.append(data[s.images][idx])
         ys.append(data[s.labels][idx])
-    x = augment(keys.step(step, "aug"), to_float(jnp.concatenate(xs)), hflip=hflip, vflip=vflip,
-                transpose=transpose)
+    return jnp.concatenate(xs), jnp.concatenate(ys)
+
+
+def draw_examples(keys: RunKeys, step, data: dict, sources: Sequence[Source], *, hflip: bool, vflip: bool,
+                  transpose: bool = False):
+    """The step's global batch: ``(x float32 [B,H,W,C] in [0, 1], flipped; labels int32 [B]; weights [B])``,
+    the sources' examples one after the other (``B`` = the sum of their batch sizes); jittable. ``data``:
+    the device-resident arrays the sources name, or a batch gathered on the host (:func:`gather_examples`);
+    both give the same batch, augmented here in either case."""
+    images, labels = gather_examples(keys, step, data, sources)
+    x = augment(keys.step(step, "aug"), to_float(images), hflip=hflip, vflip=vflip, transpose=transpose)
     weights = np.concatenate([np.full(s.batch_size, s.weight / s.batch_size) for s in sources]).astype(np.float32)
-    return x, jnp.concatenate(ys), jnp.asarray(weights)
+    return x, jnp.asarray(labels), jnp.asarray(weights)
 
 
 def fixed_batches(items, batch_size: int):

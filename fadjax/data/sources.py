@@ -31,6 +31,7 @@ from fadjax.data.dataset import BadFilesError, DataError, Dataset
 
 _TFDS_INSTALL = "pip install 'fadjax[tfds]'"
 _DECODE_THREADS = 8
+DECODE_CHUNK = 1024  # Files decoded at a time (a cache streams each chunk to disk: see `read`'s sink).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,8 @@ def _require_two(names: list[str], where: str):
         raise DataError(f"{where} has {len(names)} class(es) {names}; at least two are needed")
 
 
-def _decode_all(paths: list[str], convert: Callable[[Image.Image], np.ndarray], *,
-                progress: bool, desc: str) -> list[tuple[np.ndarray | None, tuple | None, str]]:
+def _decode_all(paths: list[str], convert: Callable[[Image.Image], np.ndarray]
+                ) -> list[tuple[np.ndarray | None, tuple | None, str]]:
     """Decodes files in a thread pool (PIL releases the GIL while decoding).
 
     Returns, per path and in order, `(array, (width, height, mode), "")` or
@@ -160,9 +161,7 @@ def _decode_all(paths: list[str], convert: Callable[[Image.Image], np.ndarray], 
 
     workers = max(1, min(_DECODE_THREADS, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        # disable=None: a bar on a terminal only (no carriage-return lines in a redirected log).
-        return list(tqdm.tqdm(pool.map(one, paths), total=len(paths), desc=desc, unit="img",
-                              disable=None if progress else True, leave=False))
+        return list(pool.map(one, paths))
 
 
 def list_class_folders(root: str) -> tuple[list[str], list[str]]:
@@ -208,7 +207,11 @@ def folder_class_names(root: str) -> list[str]:
 
 def _read_folder(source: str, root: str, *, image_size: int, channels: int,
                  classes: Iterable[str] | None, skip_bad_files: bool,
-                 progress: bool, on_scan: Callable[[ScanReport], None] | None) -> Dataset:
+                 progress: bool, on_scan: Callable[[ScanReport], None] | None,
+                 sink: Callable[[np.ndarray], None] | None = None):
+    """The folder's images, decoded `DECODE_CHUNK` files at a time: a `Dataset`, or with `sink` (which gets
+    each chunk's decoded images, uint8 `[n, H, W, C]`, in order) `(labels, class_names, files)`, holding
+    one chunk of images at a time."""
     report = ScanReport(source=source, skipped_bad=skip_bad_files)
     folders, report.ignored = list_class_folders(root)
     names = [class_name_from_folder(f) for f in folders]
@@ -233,17 +236,28 @@ def _read_folder(source: str, root: str, *, image_size: int, channels: int,
         logging.info("Ignored %d non-image entries in %s", len(report.ignored), root)
 
     convert = lambda img: images_lib.to_array(img, image_size=image_size, channels=channels)
-    decoded = _decode_all(paths, convert, progress=progress, desc=f"decoding {root}")
     arrays, labels, files = [], [], []
-    for path, label, (array, info, reason) in zip(paths, path_labels, decoded):
-        if array is None:
-            report.bad.append((path, reason))
-            continue
-        report.sizes[info[:2]] += 1
-        report.modes[info[2]] += 1
-        arrays.append(array)
-        labels.append(label)
-        files.append(os.path.relpath(path, root))
+    bar = tqdm.tqdm(total=len(paths), desc=f"decoding {root}", unit="img", disable=None if progress else True,
+                    leave=False)
+    for start in range(0, len(paths), DECODE_CHUNK):
+        chunk = []
+        for path, label, (array, info, reason) in zip(
+                paths[start:start + DECODE_CHUNK], path_labels[start:start + DECODE_CHUNK],
+                _decode_all(paths[start:start + DECODE_CHUNK], convert)):
+            if array is None:
+                report.bad.append((path, reason))
+                continue
+            report.sizes[info[:2]] += 1
+            report.modes[info[2]] += 1
+            chunk.append(array)
+            labels.append(label)
+            files.append(os.path.relpath(path, root))
+        bar.update(min(DECODE_CHUNK, len(paths) - start))
+        if chunk and sink is not None:
+            sink(np.stack(chunk))
+        elif chunk:
+            arrays.extend(chunk)
+    bar.close()
     report.counts = np.bincount(np.asarray(labels, np.int64), minlength=len(keep)).tolist()
     if on_scan is not None:
         on_scan(report)
@@ -255,8 +269,10 @@ def _read_folder(source: str, root: str, *, image_size: int, channels: int,
     empty = [name for (_, _, name), n in zip(report.classes, report.counts) if n == 0]
     if empty:
         raise DataError(f"class(es) {empty} in {root!r} have no decodable images")
-    return Dataset(np.stack(arrays), np.asarray(labels, np.int32),
-                   [name for _, _, name in report.classes], files, source)
+    class_names = [name for _, _, name in report.classes]
+    if sink is not None:
+        return np.asarray(labels, np.int32), class_names, files
+    return Dataset(np.stack(arrays), np.asarray(labels, np.int32), class_names, files, source)
 
 
 def tensorflow_available() -> bool:
@@ -426,8 +442,9 @@ def class_names(source: str, *, classes: Iterable[str] | None = None,
 def read(source: str, *, image_size: int, channels: int, classes: Iterable[str] | None = None,
          skip_bad_files: bool = False, data_dir: str | None = None,
          manual_dir: str | None = None, progress: bool = True,
-         on_scan: Callable[[ScanReport], None] | None = None) -> Dataset:
-    """Reads a source into memory (no caching; see `fadjax.data.load`).
+         on_scan: Callable[[ScanReport], None] | None = None,
+         sink: Callable[[np.ndarray], None] | None = None):
+    """Reads a source into memory (no caching; see `fadjax.data.load`), or streams its images to `sink`.
 
     Args:
       source: `folder:PATH`, `tfds:NAME[:SPLIT]`, `demo` or `demo:N`.
@@ -440,9 +457,11 @@ def read(source: str, *, image_size: int, channels: int, classes: Iterable[str] 
       progress: show a progress bar while decoding.
       on_scan: called with the `ScanReport` once the source has been scanned, before any
         error about bad files is raised.
+      sink: given, it receives the images in order, in chunks (uint8 `[n, H, W, C]`); a folder
+        source then holds one chunk of images in memory at a time.
 
     Returns:
-      The `Dataset`.
+      The `Dataset`; with `sink`, `(labels, class_names, files)` of the images it received.
 
     Raises:
       DataError: the source is unusable (`BadFilesError` for undecodable files).
@@ -455,7 +474,12 @@ def read(source: str, *, image_size: int, channels: int, classes: Iterable[str] 
     if spec.kind == "folder":
         return _read_folder(source, spec.path, image_size=image_size, channels=channels,
                             classes=classes, skip_bad_files=skip_bad_files, progress=progress,
-                            on_scan=on_scan)
+                            on_scan=on_scan, sink=sink)
+    if sink is not None:  # TFDS and the demo are read whole, then handed over.
+        ds = read(source, image_size=image_size, channels=channels, classes=classes, skip_bad_files=skip_bad_files,
+                  data_dir=data_dir, manual_dir=manual_dir, progress=progress, on_scan=on_scan)
+        sink(ds.images)
+        return ds.labels, ds.class_names, ds.files
     if spec.kind == "tfds":
         return _read_tfds(source, spec.name, spec.split, image_size=image_size, channels=channels,
                           classes=classes, data_dir=data_dir, manual_dir=manual_dir,
