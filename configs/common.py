@@ -28,6 +28,12 @@ def data(image_size):
     d.cache = placeholder(str)  # .npz cache of the decoded arrays; None = <workdir>/data_cache.npz.
     d.data_dir = placeholder(str)  # TFDS data_dir.
     d.manual_dir = placeholder(str)  # TFDS manual_dir (a manually placed archive, offline).
+    # Where the training images live: "device" (copied to every device, fastest), "host" (memory-mapped cache,
+    # each step's batch read and prefetched on the host: for sets larger than a device) or "auto" (host when
+    # they exceed data.device_share of one device's memory). Both give the same batches.
+    d.placement = "auto"
+    d.device_share = 0.25  # "auto": the share of one device's memory (host RAM on CPU) the images may take.
+    d.prefetch = 4  # Host path: steps read ahead by a background thread.
     d.hflip = True  # Random horizontal flips during training.
     d.vflip = True  # Random vertical flips during training.
     # Random transposes during training: with both flips, all 8 symmetries of a square tile (histology has

@@ -28,6 +28,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")  # fadjax.sampling.SAMP
 DATA_RANGES = ("[0,1]", "[-1,1]")  # fadjax.diffusion.DATA_RANGES
 PREDICTIONS = ("epsilon", "v_prediction")  # fadjax.diffusion.PREDICTIONS
 LOSS_WEIGHTINGS = ("none", "min_snr")  # fadjax.diffusion.LOSS_WEIGHTINGS
+PLACEMENTS = ("auto", "device", "host")  # fadjax.data.host_feed.PLACEMENTS
 ATTENTIONS = ("auto", "cudnn", "xla", "chunked")  # fadjax.models.attention.ATTENTION_IMPLEMENTATIONS
 
 
@@ -146,6 +147,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(d.image_size >= 8, "data.image_size", f"{d.image_size} is too small (>= 8)")
     _check(d.channels in (1, 3), "data.channels", f"{d.channels} must be 1 or 3")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction} must be in (0, 1)")
+    _check(d.get("placement", "auto") in PLACEMENTS, "data.placement", f"{d.get('placement')!r} is not one of {PLACEMENTS}")
+    _check(0.0 < d.get("device_share", 0.25) <= 1.0, "data.device_share", f"{d.get('device_share')} must be in (0, 1]")
+    _check(d.get("prefetch", 4) >= 1, "data.prefetch", f"{d.get('prefetch')} must be >= 1")
     t = config.train
     _check((t.num_epochs is None) != (t.num_steps is None), "train.num_epochs",
            f"set exactly one of train.num_epochs ({t.num_epochs}) and train.num_steps ({t.num_steps})")

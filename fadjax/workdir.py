@@ -155,6 +155,7 @@ OBSERVE_FIELDS = frozenset({
     "train.eval_batch_size", "train.allow_config_change",
     "parallel", "num_devices",  # Every step's batch is drawn globally: the topology does not change it.
     "data.cache", "data.data_dir", "data.manual_dir",
+    "data.placement", "data.device_share", "data.prefetch",  # Both input paths give the same batches.
 })
 OBSERVE_PREFIXES = ("sample.",)  # Sampling settings (a diffusion config's defaults for fadjax.sample).
 # Fields that may only grow (a longer run continues the same one).

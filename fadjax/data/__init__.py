@@ -14,13 +14,13 @@ the CLI do not pay for importing JAX.
 import importlib
 
 from fadjax.data.cache import CacheMismatch
-from fadjax.data.dataset import BadFilesError, DataError, Dataset
+from fadjax.data.dataset import BadFilesError, DataError, Dataset, Rows
 from fadjax.data.loader import load
 from fadjax.data.sources import ScanReport, parse_source
 from fadjax.data.splits import load_split, save_split, split
 
 __all__ = [
-    "BadFilesError", "CacheMismatch", "DataError", "Dataset",
+    "BadFilesError", "CacheMismatch", "DataError", "Dataset", "Rows",
     "ScanReport", "augment", "batch_indices", "load", "load_split", "parse_source", "save_split",
     "split", "steps_per_epoch", "to_float",
 ]

@@ -65,3 +65,42 @@ class Dataset:
     def class_counts(self) -> list[int]:
         """Number of examples of each class, in label order."""
         return np.bincount(self.labels, minlength=self.num_classes).tolist()
+
+
+def take(array, index) -> np.ndarray:
+    """``array[index]`` read in ascending order of the rows (a memory map then reads forwards), in memory."""
+    index = np.asarray(index, np.int64)
+    order = np.argsort(index, kind="stable")
+    out = np.empty((len(index), *array.shape[1:]), array.dtype)
+    out[order] = array[index[order]]
+    return out
+
+
+class Rows:
+    """The rows ``base[index]`` of an array (e.g. a memory-mapped cache), read only when asked for.
+
+    ``rows[i]`` / ``rows[a:b]`` / ``rows[idx]`` read those rows; ``np.asarray(rows)`` reads them all. The
+    training split of a set on the host path stays such a view: only each step's batch is read.
+    """
+
+    def __init__(self, base, index):
+        self.base, self.index = base, np.asarray(index, np.int64)
+        self.shape = (len(self.index), *base.shape[1:])
+        self.dtype, self.ndim = base.dtype, base.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        index = self.index[key]
+        if np.ndim(index) == 0:
+            return np.asarray(self.base[int(index)])
+        return take(self.base, index)
+
+    def __array__(self, dtype=None, copy=None):
+        out = take(self.base, self.index)
+        return out if dtype is None else out.astype(dtype)

@@ -11,17 +11,18 @@ from fadjax import distributed
 from fadjax import data as data_lib
 
 
-def load_dataset(config, workdir: pathlib.Path):
-    """The run's images (cached in the workdir unless ``data.cache`` says where)."""
+def load_dataset(config, workdir: pathlib.Path, *, mmap: bool = False):
+    """The run's images (cached in the workdir unless ``data.cache`` says where); with ``mmap`` the cache's
+    images memory-mapped (training: only what a step or the device copy reads is read)."""
     d = config.data
     cache = d.cache or str(workdir / "data_cache.npz")
     ds = data_lib.load(d.source, image_size=d.image_size, channels=d.channels,
                        classes=config_lib.parse_names(d.classes), skip_bad_files=d.skip_bad_files,
-                       cache=cache, data_dir=d.data_dir, manual_dir=d.manual_dir)
+                       cache=cache, data_dir=d.data_dir, manual_dir=d.manual_dir, mmap=mmap)
     if d.max_per_class is not None:
         keep = np.concatenate([np.flatnonzero(ds.labels == k)[: d.max_per_class] for k in range(len(ds.class_names))])
         keep.sort()
-        ds = data_lib.Dataset(images=ds.images[keep], labels=ds.labels[keep], class_names=ds.class_names,
+        ds = data_lib.Dataset(images=data_lib.Rows(ds.images, keep) if mmap else ds.images[keep], labels=ds.labels[keep], class_names=ds.class_names,
                               files=[ds.files[i] for i in keep], source=ds.source)
     counts = np.bincount(ds.labels, minlength=len(ds.class_names))
     logging.info("data %s: %d images %s, classes %s", d.source, len(ds.labels), ds.images.shape[1:],

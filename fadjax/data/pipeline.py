@@ -189,5 +189,7 @@ def fixed_batches(items, batch_size: int):
 def batched(fn, images: np.ndarray, batch_size: int) -> np.ndarray:
     """``fn`` (a compiled function of one fixed-size batch) over ``images`` in :func:`fixed_batches`; the
     real rows of its outputs, concatenated (empty input: an empty array)."""
-    out = [np.asarray(fn(chunk))[:n] for chunk, n in fixed_batches(np.asarray(images), batch_size)]
+    from fadjax.data.dataset import Rows  # A lazy view (the host path's validation images) is read batch by batch.
+    images = images if isinstance(images, Rows) else np.asarray(images)
+    out = [np.asarray(fn(chunk))[:n] for chunk, n in fixed_batches(images, batch_size)]
     return np.concatenate(out) if out else np.zeros((0,))

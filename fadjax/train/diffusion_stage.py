@@ -22,6 +22,7 @@ from fadjax import distributed
 from fadjax import config_lib
 from fadjax import diffusion as diffusion_lib
 from fadjax import workdir as workdir_lib
+from fadjax import data as data_lib
 from fadjax.data import pipeline
 from fadjax.models import build
 from fadjax.train import common
@@ -266,13 +267,17 @@ class Task:
         return build.LabelSpace(tuple(ds.class_names), has_null=self.config.cond.label_dropout > 0)
 
     def train_data(self, ds, train_idx: np.ndarray, labels: build.LabelSpace) -> dict:
-        """The host arrays the draw reads (on the device(s)): ``{'images', 'labels'}`` of the training split."""
-        return {"images": ds.images[train_idx], "labels": ds.labels[train_idx].astype(np.int32)}
+        """The host arrays the draw reads: ``{'images', 'labels'}`` of the training split (the images a lazy
+        ``Rows`` view: the device path copies them to the device(s), the host path reads each step's)."""
+        return {"images": data_lib.Rows(ds.images, train_idx), "labels": ds.labels[train_idx].astype(np.int32)}
+
+    def sources(self, data: dict) -> list:
+        """What each step draws from ``data`` (``pipeline.Source``s)."""
+        return [pipeline.Source("train", len(data["labels"]), self.config.train.batch_size)]
 
     def make_draw(self, data: dict, null_label: int | None):
         """``draw(step, data) -> (x0, y, noise, t, weights)`` of the global batch (:func:`make_draw_fn`)."""
-        sources = [pipeline.Source("train", len(data["labels"]), self.config.train.batch_size)]
-        return make_draw_fn(self.config, sources, null_label=null_label)
+        return make_draw_fn(self.config, self.sources(data), null_label=null_label)
 
     def init_params(self, model, params, source_run):
         """The parameters after ``init_from``'s were merged in (``source_run``: that run)."""
@@ -310,7 +315,7 @@ def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict
     par = common.make_parallel(config, config.train.batch_size)
 
     with phases("data"):
-        ds = inputs.load_dataset(config, workdir)
+        ds = inputs.load_dataset(config, workdir, mmap=True)
         train_idx, _ = inputs.load_split(config, workdir, ds)
     labels = task.label_space(ds)
     with phases("models"):
@@ -393,12 +398,22 @@ def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict
     if start >= total:
         logging.info("run already complete (%d/%d steps)", start, total)
 
+    # Everything the step reads, on the device(s); the training images there or, too large, on the host.
+    consts = {"text_features": text_features, "hp": step_hparams(config, steps_per_epoch=spe, total_steps=total)}
+    if expert_run is not None:
+        consts["expert"] = expert_run.variables
+    with phases("placement"):
+        state = par.put_replicated(state)
+        consts = par.put_replicated(consts)
+        dev_data, feed, placement = loop.place_data(config, par, train_data, task.sources(train_data),
+                                                    start=start, total=total)
+
     # Run record.
     if distributed.is_main_process():
         record = {"stage": "diffusion", "labels": labels.to_dict(), "data_source": config.data.source,
                   "num_train": num_train, "steps_per_epoch": spe, "total_steps": total,
                   "versions": workdir_lib.versions(), "parameters": n_params,
-                  "unet_config": model.unet.config.to_dict()}
+                  "unet_config": model.unet.config.to_dict(), "input_path": placement}
         if expert_run is not None:
             record["expert"] = {"workdir": str(pathlib.Path(config.align.expert_workdir).absolute()),
                                 "step": expert_run.step, "sha256": expert_run.checkpoint_sha256,
@@ -408,27 +423,22 @@ def _train(config, workdir: pathlib.Path, *, task: Task, config_changes) -> dict
         record = task.run_record(record)
         workdir_lib.write_records(workdir, config, record)
 
-    # Everything the step reads, on the device(s).
-    consts = {"text_features": text_features, "hp": step_hparams(config, steps_per_epoch=spe, total_steps=total)}
-    if expert_run is not None:
-        consts["expert"] = expert_run.variables
-    with phases("placement"):
-        state = par.put_replicated(state)
-        dev_data, consts = par.put_replicated((train_data, consts))
-
     loss_fn = make_loss_fn(model, config, schedule, expert)
     draw = task.make_draw(train_data, labels.null_label)
     step_fn = make_train_step(loss_fn, draw, par, schedule=config.optim.schedule,
                               ema_warmup=bool(config.train.get("ema_warmup", False)))
 
-    summary = {"workdir": str(workdir), "total_steps": total, "start_step": start, "setup_s": phases.times}
+    summary = {"workdir": str(workdir), "total_steps": total, "start_step": start, "setup_s": phases.times,
+               "input_path": placement["path"]}
     if start < total:
-        step_fn = loop.compile_for(step_fn, state, (dev_data, consts), phases=phases, barrier="diffusion_step_compiled")
+        step_args = (consts,) if feed is not None else (dev_data, consts)
+        step_fn = loop.compile_for(step_fn, state, (feed.spec(), consts) if feed is not None else step_args,
+                                   phases=phases, barrier="diffusion_step_compiled")
         summary.update(loop.run(workdir=workdir, train_cfg=config.train, par=par, state=state, step_fn=step_fn,
-                                step_args=(dev_data, consts), ckpt=ckpt, start=start, total=total,
+                                step_args=step_args, ckpt=ckpt, start=start, total=total,
                                 steps_per_epoch=spe, desc=f"train {workdir.name}",
                                 shown=("loss", "noise_loss", "align_loss"), to_tree=_checkpoint_tree,
-                                meta={"seed": config.seed}))
+                                meta={"seed": config.seed}, feed=feed))
     ckpt.close()
     summary["wall_s"] = time.time() - t_start
     return summary

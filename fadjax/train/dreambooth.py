@@ -43,6 +43,7 @@ from fadjax import config_lib
 from fadjax import runs
 from fadjax import sampling
 from fadjax import workdir as workdir_lib
+from fadjax import data as data_lib
 from fadjax.data import pipeline
 from fadjax.models import build
 from fadjax.train import common
@@ -313,15 +314,20 @@ def prior_images(config, workdir: pathlib.Path, labels: build.LabelSpace, settin
 
 # ----------------------------------------------------------------------------- the batch
 
-def make_draw(config, data, null_label):
-    """DreamBooth's draw: each step's batch is ``B_inst`` instance then ``B_prior`` prior images, the
-    prior images' noise MSE weighted by ``prior_weight`` (the plain stage's draw over two sources)."""
+def sources(config, data) -> list:
+    """DreamBooth's sources: each step's batch is ``B_inst`` instance then ``B_prior`` prior images, the
+    prior images' noise MSE weighted by ``prior_weight``."""
     b_inst, b_prior = int(config.train.batch_size), int(config.dreambooth.prior_batch_size)
-    sources = [pipeline.Source("instance", len(data["labels"]), b_inst)]
+    out = [pipeline.Source("instance", len(data["labels"]), b_inst)]
     if b_prior:
-        sources.append(pipeline.Source("prior", len(data["prior_labels"]), b_prior, images="prior_images",
-                                       labels="prior_labels", weight=float(config.dreambooth.prior_weight)))
-    return diffusion_stage.make_draw_fn(config, sources, null_label=null_label)
+        out.append(pipeline.Source("prior", len(data["prior_labels"]), b_prior, images="prior_images",
+                                   labels="prior_labels", weight=float(config.dreambooth.prior_weight)))
+    return out
+
+
+def make_draw(config, data, null_label):
+    """DreamBooth's draw: the plain stage's draw over its two :func:`sources`."""
+    return diffusion_stage.make_draw_fn(config, sources(config, data), null_label=null_label)
 
 
 # ----------------------------------------------------------------------------- train
@@ -342,10 +348,13 @@ class DreamBoothTask(diffusion_stage.Task):
 
     def train_data(self, ds, train_idx, labels) -> dict:
         idx = train_idx[ds.labels[train_idx] == self.class_label]
-        data = {"images": ds.images[idx], "labels": np.full(len(idx), self.identifier_label, np.int32)}
+        data = {"images": data_lib.Rows(ds.images, idx), "labels": np.full(len(idx), self.identifier_label, np.int32)}
         if self.prior is not None:
             data.update(prior_images=self.prior, prior_labels=np.full(len(self.prior), self.class_label, np.int32))
         return data
+
+    def sources(self, data) -> list:
+        return sources(self.config, data)
 
     def make_draw(self, data, null_label):
         return make_draw(self.config, data, null_label)

@@ -19,6 +19,7 @@ from fadjax import checkpoints
 from fadjax import distributed
 from fadjax import config_lib
 from fadjax import workdir as workdir_lib
+from fadjax import data as data_lib
 from fadjax.data import pipeline
 from fadjax.train import common
 from fadjax.train import loop
@@ -39,12 +40,17 @@ def build_expert_module(config, num_classes: int):
     return expert_lib.build_expert(e.arch, num_classes=num_classes, dtype=dtype, **kw), None
 
 
+def train_sources(config, num_examples: int) -> list:
+    """What each step draws: ``train.batch_size`` of the training split's examples."""
+    return [pipeline.Source("train", num_examples, config.train.batch_size)]
+
+
 def make_train_step(module, config, par: common.Parallel, *, num_examples: int):
     """The compiled step ``(state, data, consts) -> (state, metrics)``: ``data`` the device-resident
-    ``{'images', 'labels'}`` of the training split, ``consts['lr']`` the learning-rate schedule's numbers
-    (``common.lr_hparams``, a runtime argument)."""
+    ``{'images', 'labels'}`` of the training split (or the step's batch gathered on the host, the host input
+    path), ``consts['lr']`` the learning-rate schedule's numbers (``common.lr_hparams``, a runtime argument)."""
     keys = pipeline.RunKeys(config.seed)
-    sources = [pipeline.Source("train", num_examples, config.train.batch_size)]
+    sources = train_sources(config, num_examples)
 
     def draw(step, data):
         x, y, _ = pipeline.draw_examples(keys, step, data, sources, hflip=config.data.hflip, vflip=config.data.vflip,
@@ -122,7 +128,7 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     common.log_topology()
     par = common.make_parallel(config, config.train.batch_size)
     with phases("data"):
-        ds = inputs.load_dataset(config, workdir)
+        ds = inputs.load_dataset(config, workdir, mmap=True)
         train_idx, val_idx = inputs.load_split(config, workdir, ds)
     K = len(ds.class_names)
     num_train = len(train_idx)
@@ -168,23 +174,29 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
             best_acc = float(found[2].get("val_accuracy", -1.0)) if found else -1.0
         logging.info("resumed from step %d (best validation accuracy so far %.4f)", start, best_acc)
 
+    with phases("placement"):
+        state = par.put_replicated(state)
+        train_data = {"images": data_lib.Rows(ds.images, train_idx), "labels": ds.labels[train_idx].astype(np.int32)}
+        lr = par.put_replicated({"lr": common.lr_hparams(config.optim, steps_per_epoch=spe, total_steps=total)})
+        dev_data, feed, placement = loop.place_data(config, par, train_data, train_sources(config, num_train),
+                                                    start=start, total=total)
+    step_args = (lr,) if feed is not None else (dev_data, lr)
+
     if distributed.is_main_process():
         record = {
             "stage": "expert", "class_names": list(ds.class_names), "data_source": config.data.source,
             "expert_module": module_spec(module), "num_train": num_train, "num_val": len(val_idx),
-            "steps_per_epoch": spe, "total_steps": total, "versions": workdir_lib.versions()}
+            "steps_per_epoch": spe, "total_steps": total, "versions": workdir_lib.versions(),
+            "input_path": placement}
         if config_changes:
             record["config_changes"] = config_changes
         workdir_lib.write_records(workdir, config, record)
 
-    with phases("placement"):
-        state = par.put_replicated(state)
-        step_args = par.put_replicated((
-            {"images": ds.images[train_idx], "labels": ds.labels[train_idx].astype(np.int32)},
-            {"lr": common.lr_hparams(config.optim, steps_per_epoch=spe, total_steps=total)}))
     step_fn = make_train_step(module, config, par, num_examples=num_train)
     predict = make_predict(module)
-    val_images, val_labels = ds.images[val_idx], ds.labels[val_idx].astype(np.int64)
+    val_labels = ds.labels[val_idx].astype(np.int64)
+    # On the host path the validation images are read batch by batch too.
+    val_images = data_lib.Rows(ds.images, val_idx) if feed is not None else np.asarray(ds.images[val_idx])
 
     def validate(step, state) -> dict:
         """Validation accuracy; a new best is saved in ``best/`` with its confusion matrix and figure."""
@@ -212,15 +224,17 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     step, last = start, {}
     try:
         if start < total:
-            step_fn = loop.compile_for(step_fn, state, step_args, phases=phases, barrier="expert_step_compiled")
+            step_fn = loop.compile_for(step_fn, state, (feed.spec(), lr) if feed is not None else step_args,
+                                       phases=phases, barrier="expert_step_compiled")
             out = loop.run(workdir=workdir, train_cfg=config.train, par=par, state=state, step_fn=step_fn,
                            step_args=step_args, ckpt=ckpt, start=start, total=total, steps_per_epoch=spe,
                            desc=f"expert {workdir.name}", shown=("loss", "train_accuracy", "val_accuracy"),
                            to_tree=_tree, eval_every=max(1, int(config.train.eval_every_epoch)) * spe,
-                           evaluate=validate)
+                           evaluate=validate, feed=feed)
             step, last = out["final_step"], out["last_metrics"]
     finally:
         ckpt.close()
         best.close()
     return {"workdir": str(workdir), "final_step": step, "best_val_accuracy": best_acc,
-            "last_metrics": last, "setup_s": phases.times, "wall_s": time.time() - t_start}
+            "last_metrics": last, "setup_s": phases.times, "wall_s": time.time() - t_start,
+            "input_path": placement["path"]}

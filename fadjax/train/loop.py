@@ -7,14 +7,17 @@ does the rest the same way for the expert and every diffusion model.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 from absl import logging
 
 from fadjax import checkpoints
 from fadjax import distributed
 from fadjax import workdir as workdir_lib
+from fadjax.data import host_feed
+from fadjax.data import pipeline
 from fadjax.train import common
 
 
@@ -55,6 +58,28 @@ def data_parallel_step(par: common.Parallel, *, draw: Callable, compute: Callabl
     return jax.pmap(pstep, axis_name=common.DATA_AXIS, donate_argnums=(0,))
 
 
+def place_data(config, par: common.Parallel, data: dict, sources: Sequence[pipeline.Source], *, start: int,
+               total: int):
+    """The training data where the step reads it, on the path ``data.placement`` picks (logged).
+
+    Returns ``(device_data, feed, record)``: on the device path the arrays on every device and no feed; on
+    the host path no device data and a started :class:`fadjax.data.host_feed.HostFeed` whose ``get(step)``
+    is the step's ``data`` argument. ``record`` (``{"path", "why"}``) goes into the run's record.
+    """
+    d = config.data
+    path, why = host_feed.choose_placement(d.get("placement", "auto"), host_feed.data_bytes(data),
+                                           share=float(d.get("device_share", 0.25)))
+    logging.info("input path: %s (%s)", path, why)
+    record = {"path": path, "why": why}
+    if path == "device":
+        return par.put_replicated(jax.tree.map(np.asarray, data)), None, record
+    if start >= total:  # Nothing to train: nothing to read.
+        return None, None, record
+    feed = host_feed.HostFeed(pipeline.RunKeys(config.seed), data, sources, par, start=start, stop=total,
+                              depth=int(d.get("prefetch", 4)))
+    return None, feed, record
+
+
 def restore(ckpt: checkpoints.Checkpointer, state, par: common.Parallel, *, start: int,
             to_tree: Callable[[Any], dict]):
     """``(step, state, meta)`` resumed from the newest readable checkpoint at or below ``start``.
@@ -72,7 +97,8 @@ def restore(ckpt: checkpoints.Checkpointer, state, par: common.Parallel, *, star
 def run(*, workdir, train_cfg, par: common.Parallel, state, step_fn, step_args: tuple,
         ckpt: checkpoints.Checkpointer, start: int, total: int, steps_per_epoch: int, desc: str,
         shown: tuple[str, ...], to_tree: Callable[[Any], dict], meta: dict | None = None,
-        eval_every: int | None = None, evaluate: Callable[[int, Any], dict] | None = None) -> dict:
+        eval_every: int | None = None, evaluate: Callable[[int, Any], dict] | None = None,
+        feed: host_feed.HostFeed | None = None) -> dict:
     """Trains from ``start`` to ``total`` steps; returns ``{"final_step", "last_metrics"}``.
 
     Every ``train_cfg.log_every`` steps (and at each checkpoint) the steps' metrics are checked for
@@ -81,7 +107,9 @@ def run(*, workdir, train_cfg, par: common.Parallel, state, step_fn, step_args: 
     ``train_cfg.checkpoint_every`` steps, at every multiple of ``ckpt.keep_period`` (kept whatever
     ``keep_checkpoints`` says), at every evaluation and at the end. ``evaluate(step, state)
     -> metrics`` runs every ``eval_every`` steps and at the end. SIGTERM (``fadjax.workdir``) saves the
-    current step on every process and raises ``Preempted``.
+    current step on every process and raises ``Preempted``. With a ``feed`` (the host input path) each
+    step's first argument after the state is ``feed.get(step)``, followed by ``step_args``; the feed is
+    closed at the end.
     """
     t = train_cfg
     writer = common.MetricWriter(workdir, resume_step=start)
@@ -91,7 +119,10 @@ def run(*, workdir, train_cfg, par: common.Parallel, state, step_fn, step_args: 
     timer = common.Timer()
     try:
         while step < total:
-            state, metrics = step_fn(state, *step_args)
+            if feed is None:
+                state, metrics = step_fn(state, *step_args)
+            else:
+                state, metrics = step_fn(state, feed.get(step), *step_args)
             buf.append(metrics)
             step += 1
             stop = workdir_lib.stop_requested()  # SIGTERM: every process saves this step and stops.
@@ -115,6 +146,8 @@ def run(*, workdir, train_cfg, par: common.Parallel, state, step_fn, step_args: 
                 ckpt.wait()
                 raise workdir_lib.preempted_error(step, ckpt.directory)
     finally:
+        if feed is not None:
+            feed.close()
         progress.close()
         writer.close()
         ckpt.wait()
