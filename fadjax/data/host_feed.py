@@ -108,7 +108,10 @@ class HostFeed:
         self.lo, self.hi = process_rows(par, self.batch)
         self.image_shape = tuple(data[self.sources[0].images].shape[1:])
         self.stop, self.depth = int(stop), max(1, int(depth))
-        self._cpu = jax.devices("cpu")[0]
+        try:  # The epoch's order is computed on the CPU (the accelerators stay free for the steps).
+            self._cpu = jax.local_devices(backend="cpu")[0]
+        except RuntimeError:  # No CPU backend (JAX_PLATFORMS without cpu): the default device.
+            self._cpu = None
         self._orders: dict[str, tuple[int, np.ndarray]] = {}
         self._thread = None
         self._start(int(start))
@@ -122,9 +125,13 @@ class HostFeed:
             epoch, position = divmod(int(step), per)
             cached = self._orders.get(s.name)
             if cached is None or cached[0] != epoch:
-                with jax.default_device(self._cpu):
-                    key = jax.device_put(self.keys.order(s.name), self._cpu)
-                    cached = (epoch, np.asarray(pipeline.epoch_order(key, epoch, s.num_examples)))
+                key = self.keys.order(s.name)
+                if self._cpu is None:
+                    order = pipeline.epoch_order(key, epoch, s.num_examples)
+                else:
+                    with jax.default_device(self._cpu):
+                        order = pipeline.epoch_order(jax.device_put(key, self._cpu), epoch, s.num_examples)
+                cached = (epoch, np.asarray(order))
                 self._orders[s.name] = cached
             out.append(cached[1][position * s.batch_size:(position + 1) * s.batch_size].astype(np.int32))
         return out
@@ -151,12 +158,14 @@ class HostFeed:
         return {pipeline.GATHERED: tree}
 
     def spec(self) -> dict:
-        """The shapes, dtypes and shardings of :meth:`get`'s batches (to compile the step ahead of them)."""
-        lead = (self.par.num_devices,) if self.par.mode == "pmap" else ()
-        sharding = None if self.par.mode == "pmap" else self.par.batch_sharded
+        """What :meth:`get`'s batches look like, to compile the step ahead of them: their shapes, dtypes and
+        shardings (under pmap a batch itself, placed as every batch is)."""
+        if self.par.mode == "pmap":
+            return self._on_devices(*self.local_batch(self._next))
+        sharding = self.par.batch_sharded
         return {pipeline.GATHERED: {
-            "images": jax.ShapeDtypeStruct((*lead, self.batch, *self.image_shape), np.uint8, sharding=sharding),
-            "labels": jax.ShapeDtypeStruct((*lead, self.batch), np.int32, sharding=sharding)}}
+            "images": jax.ShapeDtypeStruct((self.batch, *self.image_shape), np.uint8, sharding=sharding),
+            "labels": jax.ShapeDtypeStruct((self.batch,), np.int32, sharding=sharding)}}
 
     # -------------------------------------------------------------- the prefetching thread
     def _start(self, step: int) -> None:

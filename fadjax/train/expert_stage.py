@@ -196,7 +196,8 @@ def _train(config, workdir: pathlib.Path, *, config_changes) -> dict:
     predict = make_predict(module)
     val_labels = ds.labels[val_idx].astype(np.int64)
     # On the host path the validation images are read batch by batch too.
-    val_images = data_lib.Rows(ds.images, val_idx) if feed is not None else np.asarray(ds.images[val_idx])
+    val_images = (data_lib.Rows(ds.images, val_idx) if placement["path"] == "host"
+                  else np.asarray(ds.images[val_idx]))
 
     def validate(step, state) -> dict:
         """Validation accuracy; a new best is saved in ``best/`` with its confusion matrix and figure."""
