@@ -135,3 +135,17 @@ def test_two_process_expert_resumes_on_every_process(tmp_path):
     text = "".join(p.read_text() for p in logs.glob("e_*.log"))
     assert f"resumed from step {kept[0]}" in text and "process 1 of 2" in text
     assert runs.load_expert_run(tmp_path / "e").val_accuracy is not None
+
+
+def test_two_processes_read_only_their_rows_on_the_host_path(tmp_path):
+    """The host input path over 2 processes x 2 devices: each process reads only the examples of its half
+    of every global batch, and the assembled batch equals the device path's (tests/host_feed_worker.py)."""
+    port = _port()
+    env = dict(_env(2), PYTHONPATH=str(REPO))  # This checkout's fadjax (the script's folder is tests/).
+    procs = [subprocess.Popen([sys.executable, "tests/host_feed_worker.py", f"127.0.0.1:{port}", "2", str(i)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert [[l for l in o.splitlines() if l.startswith("OK ")] for o in outs] == [["OK 0 4 48"], ["OK 4 8 48"]]

@@ -179,3 +179,43 @@ def test_placement_choice_and_config_checks():
         bad.data[field] = value
         with pytest.raises(config_lib.ConfigError, match=f"config.data.{field}"):
             config_lib.validate(bad)
+
+
+def _micro_diffusion(source, **data):
+    c = config_lib.load("baseline", "tiny")
+    c.data.source = source
+    c.data.image_size = 8
+    c.model.block_out_channels = "8,16"
+    c.model.attention_head_dim = 1
+    c.model.cross_attention_dim = 8
+    c.model.norm_num_groups = 4
+    c.train.progress = False
+    c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 6, 3, 1
+    c.data.transpose = True
+    for k, v in data.items():
+        c.data[k] = v
+    return c
+
+
+def test_training_resumes_exactly_on_the_other_path(tmp_path, killed_after_first_checkpoint):
+    """A diffusion run on the host path (chosen by ``auto`` against a device budget it exceeds), killed after
+    its step-3 checkpoint and resumed on the device path, ends where an uninterrupted device-path run ends."""
+    import json
+    from conftest import make_tile_folder
+    from fadjax import runs
+    from fadjax import train as train_lib
+    source = make_tile_folder(tmp_path / "tiles", per_class=10)
+    device = train_lib.run(_micro_diffusion(source, placement="device"), tmp_path / "device")
+    assert device["input_path"] == "device"
+    with killed_after_first_checkpoint():
+        train_lib.run(_micro_diffusion(source, device_share=1e-9), tmp_path / "switch")
+    record = json.loads((tmp_path / "switch" / "run.json").read_text())
+    assert record["input_path"]["path"] == "host" and "data.device_share 1e-09" in record["input_path"]["why"]
+    resumed = train_lib.run(_micro_diffusion(source, placement="device"), tmp_path / "switch")
+    assert resumed["start_step"] == 3 and resumed["input_path"] == "device"
+    losses = {w: [r["loss"] for r in map(json.loads, (tmp_path / w / "metrics.jsonl").read_text().splitlines())]
+              for w in ("device", "switch")}
+    np.testing.assert_allclose(losses["switch"], losses["device"], rtol=1e-5)
+    a = runs.load_diffusion_run(tmp_path / "device", use_ema=False).params
+    b = runs.load_diffusion_run(tmp_path / "switch", use_ema=False).params
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)

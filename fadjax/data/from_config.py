@@ -22,7 +22,8 @@ def load_dataset(config, workdir: pathlib.Path, *, mmap: bool = False):
     if d.max_per_class is not None:
         keep = np.concatenate([np.flatnonzero(ds.labels == k)[: d.max_per_class] for k in range(len(ds.class_names))])
         keep.sort()
-        ds = data_lib.Dataset(images=data_lib.Rows(ds.images, keep) if mmap else ds.images[keep], labels=ds.labels[keep], class_names=ds.class_names,
+        ds = data_lib.Dataset(images=data_lib.Rows(ds.images, keep) if mmap else ds.images[keep],
+                              labels=ds.labels[keep], class_names=ds.class_names,
                               files=[ds.files[i] for i in keep], source=ds.source)
     counts = np.bincount(ds.labels, minlength=len(ds.class_names))
     logging.info("data %s: %d images %s, classes %s", d.source, len(ds.labels), ds.images.shape[1:],

@@ -80,6 +80,8 @@ def process_rows(par, batch: int) -> tuple[int, int]:
         return 0, batch
     spans = sorted({(s[0].start or 0, batch if s[0].stop is None else s[0].stop)
                     for s in par.batch_sharded.addressable_devices_indices_map((batch,)).values()})
+    if not spans:  # None of this process's devices is in the mesh (num_devices): it reads nothing.
+        return 0, 0
     lo, hi = spans[0][0], spans[0][1]
     for a, b in spans[1:]:
         if a != hi:
@@ -146,6 +148,8 @@ class HostFeed:
                 images.append(take(self.data[s.images], mine))
                 labels.append(np.asarray(self.data[s.labels])[mine].astype(np.int32))
             offset += s.batch_size
+        if not images:
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros((0,), np.int32)
         return np.concatenate(images), np.concatenate(labels)
 
     def _on_devices(self, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -196,8 +200,8 @@ class HostFeed:
         """The batch of ``step`` on the devices (a step other than the next one restarts the reading there)."""
         if not 0 <= step < self.stop:
             raise ValueError(f"step {step} is outside the feed's steps [0, {self.stop})")
-        if step != self._next:
-            logging.info("host feed: restarting at step %d (expected %d)", step, self._next)
+        if step != self._next or self._thread is None:
+            logging.info("host feed: (re)starting at step %d (next was %d)", step, self._next)
             self.close()
             self._start(step)
         got, item = self._queue.get()
