@@ -219,3 +219,25 @@ def test_training_resumes_exactly_on_the_other_path(tmp_path, killed_after_first
     a = runs.load_diffusion_run(tmp_path / "device", use_ema=False).params
     b = runs.load_diffusion_run(tmp_path / "switch", use_ema=False).params
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_expert_trains_and_validates_alike_on_both_paths(tmp_path):
+    """The expert stage (BatchNorm, validation read batch by batch from the map on the host path) ends with
+    the same parameters and validation accuracy on either path."""
+    from fadjax import runs
+    from fadjax import train as train_lib
+
+    def config(placement):
+        c = config_lib.load("expert", "tiny")
+        c.data.source, c.data.image_size, c.data.placement = "demo:12", 16, placement
+        c.expert.width, c.expert.head_hidden = 4, 8
+        c.train.batch_size, c.train.num_epochs, c.train.eval_batch_size = 8, 2, 12
+        c.train.progress = False
+        return c
+
+    a = train_lib.run(config("device"), tmp_path / "device")
+    b = train_lib.run(config("host"), tmp_path / "host")
+    assert (a["input_path"], b["input_path"]) == ("device", "host") and a["final_step"] == b["final_step"] == 12
+    assert b["best_val_accuracy"] == pytest.approx(a["best_val_accuracy"])
+    va, vb = runs.load_expert_run(tmp_path / "device").variables, runs.load_expert_run(tmp_path / "host").variables
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), va, vb)
