@@ -16,8 +16,8 @@ LAYERS = {
     "fadjax.data": 1, "fadjax.models": 1, "fadjax.checkpoints": 1, "fadjax.sampling": 1, "fadjax.cli": 1,
     # 2: a finished run, for inference and for the stages that read one (the expert, init_from).
     "fadjax.runs": 2,
-    # 3: training, sampling, the utility classifiers, exporting a run.
-    "fadjax.train": 3, "fadjax.sample": 3, "fadjax.utility": 3, "fadjax.export": 3,
+    # 3: training, sampling, the utility classifiers.
+    "fadjax.train": 3, "fadjax.sample": 3, "fadjax.utility": 3,
     # 4: judging and reporting what 3 made.
     "fadjax.evaluate": 4, "fadjax.report": 5,
     # 6: the tools that drive everything.
