@@ -17,9 +17,9 @@ LAYERS = {
     # 2: a finished run, for inference and for the stages that read one (the expert, init_from).
     "fadjax.runs": 2,
     # 3: training, sampling, the utility classifiers.
-    "fadjax.train": 3, "fadjax.sample": 3, "fadjax.utility": 3,
+    "fadjax.train": 3, "fadjax.sample": 3, "fadjax.utility": 3, "fadjax.memorisation": 3,
     # 4: judging and reporting what 3 made.
-    "fadjax.evaluate": 4, "fadjax.report": 5,
+    "fadjax.evaluate": 4, "fadjax.report": 5, "fadjax.curves": 5,
     # 6: the tools that drive everything.
     "fadjax.reproduce": 6, "fadjax.bench": 6, "fadjax": 6,
 }
