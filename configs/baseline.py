@@ -145,13 +145,10 @@ def get_config(arg=None):
         c.num_devices = 1
         c.data.image_size = 16
         c.diffusion.data_range = "[-1,1]"         # The usual DDPM practice (the reference: [0, 1]).
-        # Three levels: 16, 8 and 4 px. Width 32 at 16 px is what draws stripes and checks: at (16,32,64)
-        # they came out as noise and diagonal stripes, 3000 steps or attention at 8x8 did not fix them
-        # (stripes 0-5% by the expert); (32,64,64) for 1500 steps drew stripes (50%). (32,48,64): 240 img/s.
+        # Three levels: 16, 8 and 4 px; width 32 at 16 px is what draws stripes and checks (docs/decisions.md).
         c.model.block_out_channels = "32,48,64"
-        c.model.attention_levels = "2"            # Attention at 4x4 only (at 8x8 too: 30% slower, no better).
-        c.model.class_to_time = True              # The class in every ResNet block too (checks 25% -> 40%
-                                                  # by the expert, 25% -> 45% by judge2, on one run each).
+        c.model.attention_levels = "2"            # Attention at 4x4 only (at 8x8 too: slower, no better).
+        c.model.class_to_time = True              # The class in every ResNet block too: checks drawn better.
         c.align.unet_feature = "down_2_shortcut"  # The last down block's first-resnet shortcut, as tiny-sd.
         c.model.attention_head_dim = 1
         c.model.cross_attention_dim = 32
@@ -165,10 +162,9 @@ def get_config(arg=None):
         c.train.ema_decay = 0.995                 # With the warm-up of train.ema_warmup.
         c.train.log_every = 50
         c.train.checkpoint_every = 120
-        c.sample.sampler = "ddpm"                 # DDPM beat DDIM at this training length (70% vs 51%).
-        c.sample.steps = 25                       # As good as 50 and 100 here (69%, 68%, 72%).
-        c.sample.guidance_scale = 5.0             # Classifier-free guidance: 35% at 1.5, 52% at 3, 60% at 5, 62% at 8
-                                                  # (the expert on one baseline run of the earlier (16,32,64) U-Net, 2026-12-06).
+        c.sample.sampler = "ddpm"                 # DDPM beat DDIM at this training length.
+        c.sample.steps = 25                       # As good as 50 and 100 here.
+        c.sample.guidance_scale = 5.0             # Classifier-free guidance; measured in docs/decisions.md.
         c.sample.num_per_class = 4
         c.sample.seeds = "0-4"
         c.sample.batch_size = 100
